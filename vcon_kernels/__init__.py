@@ -1,0 +1,49 @@
+"""vcon_kernels: fused VCON (Vanishing Contributions) compression layers for PyTorch.
+
+Example usage::
+
+    import vcon_kernels as vk
+    model = vk.convert(model, vk.Prune(sparsity=0.9))
+    sched = vk.VCONScheduler(model, steps=1000)
+    for batch in loader:
+        ...; optimizer.step(); sched.step()
+    model = vk.finalize(model)
+"""
+
+from . import backends
+from . import functional
+from . import library  # noqa: F401  (registers torch.ops.vcon)
+from .compressed import CompressedConv2d
+from .compressed import CompressedLinear
+from .compressed import LowRankConv2d
+from .compressed import LowRankLinear
+from .configs import Compose
+from .configs import LowRank
+from .configs import Prune
+from .configs import Quantize
+from .configs import VCONConfig
+from .convert import convert
+from .convert import finalize
+from .convert import refresh_masks
+from .convert import storage_bytes
+from .convert import vcon_layers
+from .explain import explain
+from .functional import VCONState
+from .modules import VCONConv2d
+from .modules import VCONLinear
+from .scheduler import VCONScheduler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # configs
+    "Compose", "LowRank", "Prune", "Quantize", "VCONConfig",
+    # layers and state
+    "VCONConv2d", "VCONLinear", "VCONState",
+    # model-level
+    "VCONScheduler", "convert", "explain", "finalize", "refresh_masks", "storage_bytes", "vcon_layers",
+    # finalized layers
+    "CompressedConv2d", "CompressedLinear", "LowRankConv2d", "LowRankLinear",
+    # submodules
+    "backends", "functional",
+]

@@ -1,0 +1,106 @@
+"""Backend selection: which implementation runs a ``torch.ops.vcon`` op for a device.
+
+Default choice, per call, from the device of the weight:
+
+* ``cuda``: the Triton backend when Triton can run, else plain torch;
+* ``cpu``: the C++ extension when it is built, else plain torch;
+* anything else: plain torch.
+
+Override with the environment variable ``VCON_BACKEND=torch|cpp|triton`` or, scoped,
+``with vk.backends.use("torch"): ...``. Forcing ``triton`` on CPU tensors is how the
+kernel tests run under ``TRITON_INTERPRET=1``. Asking for a backend that cannot run is
+an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+
+from .torch_backend import TorchBackend
+
+BACKEND_NAMES = ("torch", "cpp", "triton")
+_MODULES = {"cpp": ("cpp_backend", "CppBackend"), "triton": ("triton_backend", "TritonBackend")}
+_instances: dict = {"torch": TorchBackend()}
+_load_errors: dict = {}
+_local = threading.local()
+
+
+def _load(name: str):
+    """The backend instance, or None if it cannot run here (reason kept in ``_load_errors``)."""
+    if name in _instances:
+        return _instances[name]
+    if name in _load_errors:
+        return None
+    module_name, class_name = _MODULES[name]
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        backend = getattr(module, class_name)()
+        if not backend.is_available():
+            raise RuntimeError(getattr(backend, "unavailable_reason", f"{name} backend is not available"))
+    except (ImportError, RuntimeError) as exc:
+        _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    _instances[name] = backend
+    return backend
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+
+
+def get(name: str):
+    """The named backend; raises ``RuntimeError`` with the reason if it cannot run here."""
+    _check_name(name)
+    backend = _load(name)
+    if backend is None:
+        raise RuntimeError(f"vcon_kernels backend {name!r} is not available: {_load_errors.get(name)}")
+    return backend
+
+
+def available() -> dict:
+    """{name: True or the reason it is unavailable}."""
+    return {n: True if _load(n) is not None else _load_errors.get(n, "unavailable") for n in BACKEND_NAMES}
+
+
+def forced() -> str | None:
+    override = getattr(_local, "override", None)
+    if override is not None:
+        return override
+    env = os.environ.get("VCON_BACKEND")
+    if env:
+        _check_name(env)
+        return env
+    return None
+
+
+def select(device_type: str):
+    """The backend for tensors on ``device_type`` ("cpu", "cuda", ...)."""
+    name = forced()
+    if name is not None:
+        return get(name)
+    preferred = {"cuda": "triton", "cpu": "cpp"}.get(device_type)
+    if preferred is not None:
+        backend = _load(preferred)
+        if backend is not None:
+            return backend
+    return _instances["torch"]
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Force a backend inside a ``with`` block (thread-local)."""
+    _check_name(name)
+    get(name)
+    previous = getattr(_local, "override", None)
+    _local.override = name
+    try:
+        yield
+    finally:
+        _local.override = previous
+
+
+__all__ = ["BACKEND_NAMES", "TorchBackend", "available", "forced", "get", "select", "use"]

@@ -1,0 +1,152 @@
+"""The plain-torch backend: correct on every device, the fallback and the base class.
+
+Other backends subclass :class:`TorchBackend` and override what they make faster; a
+method they leave alone runs this plain-torch version. Every method takes the flat,
+already-validated arguments of the ``torch.ops.vcon`` ops (weights 2-D (N, K), inputs
+2-D (M, K), ``beta`` an fp32 tensor of one entry per stage) and a ``TransformSpec``.
+
+Memory: the forward builds the blended weight as one temporary, uses it for one GEMM and
+drops it; the backward rebuilds it. Nothing the size of a weight is kept between forward
+and backward besides the parameters themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import transforms
+from ..spec import TransformSpec
+
+Tensor = torch.Tensor
+
+
+class TorchBackend:
+    name = "torch"
+
+    def is_available(self) -> bool:
+        return True
+
+    # -- per-layer state ------------------------------------------------------------------
+    def compute_state(self, weight: Tensor, beta: Tensor, mask: Optional[Tensor], spec: TransformSpec):
+        """(threshold, scales): see ``TransformSpec.threshold_shape`` / ``scales_shape``."""
+        return transforms.compute_state(weight, beta, mask, spec)
+
+    # -- the blended weight -----------------------------------------------------------------
+    def blend_weight(self, weight, beta, threshold, scales, mask, spec: TransformSpec) -> Tensor:
+        """W_eff in weight.dtype (no autograd; see spec.py for the formula)."""
+        return transforms.blend_weight_with_coef(weight, beta, threshold, scales, mask, spec)[0]
+
+    def weight_grad(self, grad_w_eff, weight, beta, threshold, scales, mask, spec: TransformSpec) -> Tensor:
+        """dW from dL/dW_eff: unchanged for STE, times the exact coefficient otherwise."""
+        if not spec.exact:
+            return grad_w_eff
+        if spec.lowrank:
+            return grad_w_eff * beta[0].to(grad_w_eff.dtype)
+        coef = transforms.blend_weight_with_coef(
+            weight, beta, threshold, scales, mask, spec, want_weight=False, want_coef=True
+        )[1]
+        if coef is None:  # binary quantization: the exact coefficient is 1
+            return grad_w_eff
+        return (grad_w_eff.to(coef.dtype) * coef).to(grad_w_eff.dtype)
+
+    # -- linear -----------------------------------------------------------------------------
+    def linear_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec) -> Tensor:
+        if spec.lowrank:
+            return self._lowrank_forward(x, weight, bias, beta, u, v)
+        w_eff = self.blend_weight(weight, beta, threshold, scales, mask, spec)
+        return F.linear(x, w_eff, bias)
+
+    def linear_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs):
+        """(dx, dW, db, dU, dV), None where ``needs`` (x, weight, bias, lowrank) says not needed."""
+        need_x, need_w, need_b, need_lr = needs
+        if spec.lowrank:
+            return self._lowrank_backward(grad_out, x, weight, beta, u, v, spec, needs)
+        dx = dw = db = None
+        if need_x:
+            dx = grad_out @ self.blend_weight(weight, beta, threshold, scales, mask, spec)
+        if need_w:
+            dw = self.weight_grad(grad_out.t() @ x, weight, beta, threshold, scales, mask, spec)
+        if need_b and bias is not None:
+            db = grad_out.sum(0).to(bias.dtype)
+        return dx, dw, db, None, None
+
+    def _lowrank_forward(self, x, weight, bias, beta, u, v):
+        # The bias rides on both paths (b = beta b + (1 - beta) b) so that beta = 1 is
+        # nn.Linear and beta = 0 is the finalized V-then-U pair, bit for bit.
+        b = beta[0].to(x.dtype)
+        low = F.linear(F.linear(x, v), u, bias).mul_(1 - b)
+        return F.linear(x, weight, bias).mul_(b).add_(low)
+
+    def _lowrank_backward(self, grad_out, x, weight, beta, u, v, spec, needs):
+        need_x, need_w, need_b, need_lr = needs
+        b = beta[0].to(grad_out.dtype)
+        gu = grad_out @ u  # (M, r)
+        dx = dw = db = du = dv = None
+        if need_x:
+            dx = (grad_out @ weight).mul_(b).add_((gu @ v).mul_(1 - b))
+        if need_w:
+            g = grad_out.t() @ x
+            dw = g.mul_(b) if spec.exact else g
+        if need_b:
+            db = grad_out.sum(0)
+        if need_lr:
+            t = F.linear(x, v)
+            du = (grad_out.t() @ t).mul_(1 - b)
+            dv = (gu.t() @ x).mul_(1 - b)
+        return dx, dw, db, du, dv
+
+    # -- conv2d: the blended weight feeds the ordinary convolution ---------------------------
+    def conv2d_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args) -> Tensor:
+        stride, padding, dilation, groups = conv_args
+        if spec.lowrank:  # bias on both paths, as in _lowrank_forward
+            b = beta[0].to(x.dtype)
+            t = F.conv2d(x, v, None, stride, padding, dilation, groups)
+            low = F.conv2d(t, u, bias).mul_(1 - b)
+            return F.conv2d(x, weight, bias, stride, padding, dilation, groups).mul_(b).add_(low)
+        w2d = weight.reshape(weight.shape[0], -1)
+        w_eff = self.blend_weight(w2d, beta, threshold, scales, mask, spec).view_as(weight)
+        return F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
+
+    def conv2d_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, needs):
+        """(dx, dW, db, dU, dV) of :meth:`conv2d_forward`, None where not needed."""
+        stride, padding, dilation, groups = conv_args
+        need_x, need_w, need_b, need_lr = needs
+        conv_bwd = torch.ops.aten.convolution_backward
+
+        def backward_of(g, inp, w, mask3, stride=stride, padding=padding, dilation=dilation, groups=groups):
+            return conv_bwd(g, inp, w, None, stride, padding, dilation, False, [0, 0], groups, mask3)
+
+        db = grad_out.sum(dim=(0, 2, 3)).to(bias.dtype) if (need_b and bias is not None) else None
+        if not spec.lowrank:
+            w2d = weight.reshape(weight.shape[0], -1)
+            w_eff = self.blend_weight(w2d, beta, threshold, scales, mask, spec).view_as(weight)
+            dx, g, _ = backward_of(grad_out, x, w_eff, [need_x, need_w, False])
+            dw = None
+            if need_w:
+                dw = self.weight_grad(g.reshape(w2d.shape), w2d, beta, threshold, scales, mask, spec).view_as(weight)
+            return dx, dw, db, None, None
+        b = beta[0].to(grad_out.dtype)
+        dx, g, _ = backward_of(grad_out, x, weight, [need_x, need_w, False])
+        if dx is not None:
+            dx = dx.mul_(b)
+        dw = (g.mul_(b) if spec.exact else g) if need_w else None
+        du = dv = None
+        if need_x or need_lr:
+            t = F.conv2d(x, v, None, stride, padding, dilation, groups)
+            dt, du, _ = backward_of(grad_out, t, u, [True, need_lr, False], [1, 1], [0, 0], [1, 1], 1)
+            dt = dt.mul_(1 - b)
+            dx_lr, dv, _ = backward_of(dt, x, v, [need_x, need_lr, False])
+            if need_x:
+                dx = dx.add_(dx_lr)
+            if need_lr:
+                du = du.mul_(1 - b)
+        return dx, dw, db, du, dv
+
+    # -- introspection -----------------------------------------------------------------------
+    def explain(self, x_shape, weight_shape, spec: TransformSpec, device) -> str:
+        if spec.lowrank:
+            return "torch: dense GEMM + thin GEMM t = x V^T + GEMM t U^T (three GEMMs, blended in the output)"
+        return "torch: blended weight W_eff built once (one temporary), then one F.linear"

@@ -1,0 +1,218 @@
+"""Compressed weight storage formats of finalized layers.
+
+Each format is an ``nn.Module`` holding buffers (so they are in ``state_dict`` and move with
+``.to()``) and rebuilds the dense weight on the fly with :meth:`materialize`. The
+rebuilt weight equals the VCON layer's weight at beta = 0 bit for bit, because it is
+computed with the same arithmetic (``codes * scale`` in the compute dtype, then a cast).
+
+* :class:`QuantizedWeight`: int8 codes, int4/int2 codes packed 2/4 per byte, binary as a
+  packed sign bit (plus a packed non-zero bit when some weights are exactly 0, e.g.
+  after pruning), and fp32 scales.
+* :class:`SparseWeight`: CSR (kept values, int16/int32 column indices, row pointers).
+* :class:`NMSparseWeight`: N:M-compressed values (N, K*n/m) plus packed in-group indices.
+* :class:`DenseWeight`: the weight itself (pruning at low sparsity, where indices would
+  cost more than they save).
+
+``meta()`` returns the small dict that, with an empty instance from ``from_meta``, lets a
+``state_dict`` be loaded without re-deriving anything.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import transforms
+from ..packing import pack_uint
+from ..packing import unpack_uint
+from ..spec import TransformSpec
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype)
+
+
+class WeightStorage(nn.Module):
+    """Base class: a compressed (N, K) weight matrix."""
+
+    format_name = "base"
+
+    def __init__(self, shape, dtype: torch.dtype):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+
+    def materialize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        return {"format": self.format_name, "shape": list(self.shape), "dtype": _dtype_name(self.dtype)}
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, dtype={self.dtype}"
+
+
+class DenseWeight(WeightStorage):
+    format_name = "dense"
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__(weight.shape, weight.dtype)
+        self.register_buffer("weight", weight.detach().clone())
+
+    def materialize(self):
+        return self.weight
+
+    @classmethod
+    def from_meta(cls, meta, device=None):
+        return cls(torch.empty(meta["shape"], dtype=_DTYPES[meta["dtype"]], device=device))
+
+
+class QuantizedWeight(WeightStorage):
+    """Codes and fp32 scales of ``Q(W)`` (see ``spec.py``); ``spec`` carries bits and group size."""
+
+    format_name = "quantized"
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, spec: TransformSpec, dtype: torch.dtype):
+        super().__init__(codes.shape, dtype)
+        self.bits, self.group_size = spec.bits, spec.group_size
+        if spec.bits == 8:
+            self.register_buffer("codes", codes.to(torch.int8))
+        elif spec.bits in (4, 2):
+            self.register_buffer("codes", pack_uint((codes - spec.qmin).to(torch.uint8), spec.bits))
+        else:
+            self.register_buffer("codes", pack_uint(codes > 0, 1))
+            nonzero = codes != 0
+            self.register_buffer("nonzero", None if bool(nonzero.all()) else pack_uint(nonzero, 1))
+        self.register_buffer("scales", scales.to(torch.float32))
+
+    @property
+    def spec(self) -> TransformSpec:
+        return TransformSpec(bits=self.bits, group_size=self.group_size)
+
+    def integer_codes(self) -> torch.Tensor:
+        """The signed codes as int8 (N, K)."""
+        cols = self.shape[1]
+        spec = self.spec
+        if self.bits == 8:
+            return self.codes
+        if self.bits in (4, 2):
+            return unpack_uint(self.codes, self.bits, cols).to(torch.int8) + spec.qmin
+        signs = unpack_uint(self.codes, 1, cols).to(torch.int8) * 2 - 1
+        if self.nonzero is not None:
+            signs = signs * unpack_uint(self.nonzero, 1, cols).to(torch.int8)
+        return signs
+
+    def materialize(self):
+        cdt = transforms.compute_dtype(self.dtype)
+        return transforms.dequantize(self.integer_codes(), self.scales, self.spec, cdt).to(self.dtype)
+
+    def meta(self):
+        return {**super().meta(), "bits": self.bits, "group_size": self.group_size,
+                "has_nonzero": getattr(self, "nonzero", None) is not None}
+
+    @classmethod
+    def from_meta(cls, meta, device=None):
+        rows, cols = meta["shape"]
+        spec = TransformSpec(bits=meta["bits"], group_size=meta["group_size"])
+        codes = torch.zeros(rows, cols, dtype=torch.int8, device=device)
+        if meta.get("has_nonzero"):
+            codes[0, 0] = 0
+        else:
+            codes.fill_(1)
+        scales = torch.empty(spec.scales_shape(rows, cols), dtype=torch.float32, device=device)
+        return cls(codes, scales, spec, _DTYPES[meta["dtype"]])
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
+
+
+class SparseWeight(WeightStorage):
+    """CSR storage of a pruned weight: only the kept values and their positions."""
+
+    format_name = "csr"
+
+    def __init__(self, weight: torch.Tensor, keep: torch.Tensor):
+        super().__init__(weight.shape, weight.dtype)
+        rows, cols = weight.shape
+        index_dtype = torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
+        self.register_buffer("values", weight.detach()[keep].clone())
+        self.register_buffer("col_indices", keep.nonzero()[:, 1].to(index_dtype))
+        counts = keep.sum(dim=1)
+        self.register_buffer("crow_indices", torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64))
+
+    def materialize(self):
+        rows, cols = self.shape
+        row_index = torch.repeat_interleave(
+            torch.arange(rows, device=self.values.device), self.crow_indices.diff()
+        )
+        dense = torch.zeros(self.shape, dtype=self.dtype, device=self.values.device)
+        dense[row_index, self.col_indices.long()] = self.values
+        return dense
+
+    def meta(self):
+        return {**super().meta(), "nnz": int(self.values.numel())}
+
+    @classmethod
+    def from_meta(cls, meta, device=None):
+        rows, cols = meta["shape"]
+        keep = torch.zeros(rows * cols, dtype=torch.bool, device=device)
+        keep[: meta["nnz"]] = True
+        return cls(torch.zeros(rows, cols, dtype=_DTYPES[meta["dtype"]], device=device), keep.view(rows, cols))
+
+    @staticmethod
+    def nbytes_estimate(shape, nnz: int, element_size: int) -> int:
+        rows, cols = shape
+        index_bytes = 2 if cols <= torch.iinfo(torch.int16).max else 4
+        return nnz * (element_size + index_bytes) + (rows + 1) * 8
+
+
+class NMSparseWeight(WeightStorage):
+    """N:M storage: the n kept values of each group of m, and their in-group index (packed)."""
+
+    format_name = "nm"
+
+    def __init__(self, weight: torch.Tensor, keep: torch.Tensor, n: int, m: int):
+        super().__init__(weight.shape, weight.dtype)
+        rows, cols = weight.shape
+        self.n, self.m = n, m
+        self.index_bits = next(b for b in (1, 2, 4, 8) if (1 << b) >= m)
+        groups = keep.reshape(rows, cols // m, m)
+        # Positions of the kept entries inside each group, in increasing order.
+        positions = torch.sort(torch.where(groups, torch.arange(m, device=keep.device), m), dim=-1).values[..., :n]
+        values = weight.detach().reshape(rows, cols // m, m).gather(-1, positions)
+        self.register_buffer("values", values.reshape(rows, -1).clone())
+        self.register_buffer("indices", pack_uint(positions.reshape(rows, -1), self.index_bits))
+
+    def materialize(self):
+        rows, cols = self.shape
+        kept = self.values.shape[1]
+        positions = unpack_uint(self.indices, self.index_bits, kept).long().reshape(rows, cols // self.m, self.n)
+        dense = torch.zeros(rows, cols // self.m, self.m, dtype=self.dtype, device=self.values.device)
+        dense.scatter_(-1, positions, self.values.reshape(rows, cols // self.m, self.n))
+        return dense.reshape(rows, cols)
+
+    def meta(self):
+        return {**super().meta(), "n": self.n, "m": self.m}
+
+    @classmethod
+    def from_meta(cls, meta, device=None):
+        rows, cols = meta["shape"]
+        n, m = meta["n"], meta["m"]
+        keep = torch.zeros(rows, cols // m, m, dtype=torch.bool, device=device)
+        keep[..., :n] = True
+        return cls(torch.zeros(rows, cols, dtype=_DTYPES[meta["dtype"]], device=device), keep.reshape(rows, cols), n, m)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, n={self.n}, m={self.m}"
+
+
+FORMATS = {cls.format_name: cls for cls in (DenseWeight, QuantizedWeight, SparseWeight, NMSparseWeight)}
+
+
+def storage_from_meta(meta: dict, device=None) -> WeightStorage:
+    """An empty storage of the right format and shapes, ready for ``load_state_dict``."""
+    if meta.get("format") not in FORMATS:
+        raise ValueError(f"unknown storage format {meta.get('format')!r}; known: {sorted(FORMATS)}")
+    return FORMATS[meta["format"]].from_meta(meta, device=device)

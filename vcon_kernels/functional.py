@@ -1,0 +1,182 @@
+"""Functional forms of the VCON layers, for kernel authors and custom modules.
+
+``vcon_linear(x, weight, bias, beta, config, state)`` computes
+
+    y = x (beta W + (1 - beta) C(W))^T + b          (pruning, quantization, both)
+    y = beta x W^T + (1 - beta) (x V^T) U^T + b      (low rank)
+
+as one ``torch.ops.vcon.linear`` call (plus one ``vcon::compute_state`` call for the
+reductions a threshold or quantization scales need), with autograd. See ``spec.py`` for
+the exact formulas and ``library.py`` for the ops.
+
+Example usage::
+
+    import vcon_kernels as vk
+    cfg = vk.Prune(sparsity=0.5)
+    y = vk.functional.vcon_linear(x, w, b, beta=0.3, config=cfg)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+from typing import Optional
+from typing import Union
+
+import torch
+
+from . import library  # noqa: F401  (registers torch.ops.vcon)
+from .configs import VCONConfig
+from .spec import PRUNE_THRESHOLD
+from .spec import TransformSpec
+
+Tensor = torch.Tensor
+
+
+class VCONState(NamedTuple):
+    """Per-layer tensors besides the weight: a stored (bit-packed) keep-mask and low-rank factors."""
+
+    mask: Optional[Tensor] = None
+    lowrank_u: Optional[Tensor] = None
+    lowrank_v: Optional[Tensor] = None
+
+
+_EMPTY_STATE = VCONState()
+
+
+def check_beta_value(value, where: str = "beta") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where} must be a float in [0, 1], got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or not (0.0 <= value <= 1.0):
+        raise ValueError(f"{where} must be in [0, 1], got {value!r}")
+    return value
+
+
+def as_beta(beta: Union[float, Tensor], num_stages: int, device) -> Tensor:
+    """beta as the fp32 (num_stages,) tensor the ops take; a float applies to every stage."""
+    if isinstance(beta, Tensor):
+        if beta.numel() not in (1, num_stages):
+            raise ValueError(f"beta must have 1 or {num_stages} entries, got shape {tuple(beta.shape)}")
+        beta = beta.to(device=device, dtype=torch.float32).reshape(-1)
+        return beta.expand(num_stages).contiguous() if beta.numel() != num_stages else beta
+    value = check_beta_value(beta)
+    return torch.full((num_stages,), value, dtype=torch.float32, device=device)
+
+
+def check_inputs(
+    x: Tensor, weight: Tensor, in_features: int, name: str = "vcon_linear", dim: int = -1, what: str = "last"
+) -> None:
+    """Clear errors for inputs that F.linear / F.conv2d would reject with a cryptic message."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name}: input dtype must be float32, bfloat16, float16 or float64, got {x.dtype}"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"{name}: input dtype {x.dtype} does not match the weight dtype {weight.dtype}; "
+            "cast the input or the module (module.to(dtype))"
+        )
+    if x.device != weight.device:
+        raise ValueError(
+            f"{name}: input is on {x.device} but the weights are on {weight.device}; move one of them"
+        )
+    if x.dim() == 0 or x.shape[dim] != in_features:
+        raise ValueError(
+            f"{name}: input's {what} dimension must be {in_features} (the layer's input features), "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def layer_spec(config: VCONConfig, weight2d_shape, state: VCONState) -> TransformSpec:
+    rows, cols = weight2d_shape
+    return config.spec(rows, cols, stored_mask=state.mask is not None)
+
+
+def layer_state(weight2d: Tensor, beta: Tensor, spec: TransformSpec, mask: Optional[Tensor]):
+    """(threshold, scales) of the current weight; empty tensors when the spec needs none."""
+    if spec.prune == PRUNE_THRESHOLD or spec.has_quant:
+        return torch.ops.vcon.compute_state(weight2d.detach(), beta, mask, *spec.as_args())
+    empty = weight2d.new_empty(0, dtype=torch.float32)
+    return empty, empty
+
+
+def _prepare(weight2d_shape, weight, beta, config, state):
+    state = _EMPTY_STATE if state is None else state
+    spec = layer_spec(config, weight2d_shape, state)
+    beta_t = as_beta(beta, spec.num_stages, weight.device)
+    if spec.lowrank:
+        empty = weight.new_empty(0, dtype=torch.float32)
+        return spec, beta_t, empty, empty, state
+    threshold, scales = layer_state(weight.reshape(weight2d_shape), beta_t, spec, state.mask)
+    return spec, beta_t, threshold, scales, state
+
+
+def _check_lowrank(spec, state, name):
+    if spec.lowrank and (state.lowrank_u is None or state.lowrank_v is None):
+        raise ValueError(f"{name}: a LowRank config needs state.lowrank_u and state.lowrank_v")
+
+
+def vcon_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    beta: Union[float, Tensor],
+    config: VCONConfig,
+    state: Optional[VCONState] = None,
+) -> Tensor:
+    """The blended linear layer (see module docstring). ``x``: (..., K), ``weight``: (N, K)."""
+    check_inputs(x, weight, weight.shape[1])
+    spec, beta_t, threshold, scales, state = _prepare(weight.shape, weight, beta, config, state)
+    _check_lowrank(spec, state, "vcon_linear")
+    return torch.ops.vcon.linear(
+        x, weight, bias, beta_t, threshold, scales, state.mask, state.lowrank_u, state.lowrank_v, *spec.as_args()
+    )
+
+
+def vcon_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    beta: Union[float, Tensor],
+    config: VCONConfig,
+    state: Optional[VCONState] = None,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups: int = 1,
+) -> Tensor:
+    """The blended 2-D convolution: ``conv2d(x, beta W + (1 - beta) C(W))`` (integer padding only).
+
+    Low rank: ``beta conv(x, W) + (1 - beta) conv1x1(conv(x, V), U)`` with V (r, C, kh, kw)
+    and U (N, r, 1, 1).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"vcon_conv2d: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    check_inputs(x, weight, weight.shape[1] * groups, "vcon_conv2d", dim=1, what="channel")
+    rows = weight.shape[0]
+    spec, beta_t, threshold, scales, state = _prepare((rows, weight[0].numel()), weight, beta, config, state)
+    _check_lowrank(spec, state, "vcon_conv2d")
+    pair = torch.nn.modules.utils._pair
+    return torch.ops.vcon.conv2d(
+        x, weight, bias, beta_t, threshold, scales, state.mask, state.lowrank_u, state.lowrank_v,
+        list(pair(stride)), list(pair(padding)), list(pair(dilation)), int(groups), *spec.as_args(),
+    )
+
+
+def blended_weight(
+    weight: Tensor, beta: Union[float, Tensor], config: VCONConfig, state: Optional[VCONState] = None
+) -> Tensor:
+    """``beta W + (1 - beta) C(W)`` with autograd (STE or exact per the config); any weight shape."""
+    rows = weight.shape[0]
+    spec, beta_t, threshold, scales, state = _prepare((rows, weight[0].numel()), weight, beta, config, state)
+    if spec.lowrank:
+        raise ValueError("blended_weight: a LowRank layer has no single blended weight")
+    w2d = weight.reshape(rows, -1)
+    out = torch.ops.vcon.blend_weight(w2d, beta_t, threshold, scales, state.mask, *spec.as_args())
+    return out.view_as(weight)
+
+
+__all__ = ["VCONState", "vcon_linear", "vcon_conv2d", "blended_weight", "as_beta", "check_beta_value"]

@@ -1,0 +1,261 @@
+"""The ``torch.ops.vcon`` operators: one registration, every backend behind it.
+
+Ops (all take the flat ``TransformSpec`` arguments last, see ``spec.py``):
+
+* ``vcon::compute_state(weight, beta, mask) -> (threshold, scales)``: the reductions that
+  must run before a blended GEMM (magnitude threshold, quantization scales). No autograd.
+* ``vcon::linear(x, weight, bias, beta, threshold, scales, mask, u, v) -> y``: the blended
+  linear layer, with autograd through ``vcon::linear_backward``.
+* ``vcon::conv2d(...)``: the same for convolutions, through ``vcon::conv2d_backward``.
+* ``vcon::blend_weight(weight, beta, threshold, scales, mask) -> W_eff`` with autograd
+  through ``vcon::weight_grad`` (the exact-mode coefficient), for callers that want the
+  blended weight itself (finalization, "build W_eff + GEMM" strategies).
+
+Each op is a ``torch.library.custom_op``: opaque to ``torch.compile`` (no graph break,
+and a tensor ``beta`` means changing it never recompiles), with fake implementations
+for tracing. The implementation picks a backend from the weight's device at call time
+(``backends.select``). Backward ops are ops too, which ``torch.compile`` needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import custom_op
+from torch.library import register_autograd
+
+from . import backends
+from .spec import TransformSpec
+
+Tensor = torch.Tensor
+
+SPEC_SCHEMA = (
+    "int prune, float sparsity, bool per_row, int nm_n, int nm_m, int bits, int group_size, bool exact, bool lowrank"
+)
+NUM_SPEC_ARGS = 9
+STATE_SCHEMA = "Tensor beta, Tensor threshold, Tensor scales, Tensor? mask"
+CONV_SCHEMA = "int[] stride, int[] padding, int[] dilation, int groups"
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _or_empty(t, like):
+    return _empty(like) if t is None else t
+
+
+# -- compute_state -----------------------------------------------------------------------------
+@custom_op(
+    "vcon::compute_state",
+    mutates_args=(),
+    schema=f"(Tensor weight, Tensor beta, Tensor? mask, {SPEC_SCHEMA}) -> (Tensor, Tensor)",
+)
+def compute_state(weight, beta, mask, *spec_args):
+    spec = TransformSpec(*spec_args)
+    return backends.select(weight.device.type).compute_state(weight, beta, mask, spec)
+
+
+@compute_state.register_fake
+def _(weight, beta, mask, *spec_args):
+    spec = TransformSpec(*spec_args)
+    rows, cols = weight.shape
+    thr_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    threshold = weight.new_empty(spec.threshold_shape(rows), dtype=thr_dtype)
+    return threshold, weight.new_empty(spec.scales_shape(rows, cols), dtype=torch.float32)
+
+
+# -- blend_weight / weight_grad -------------------------------------------------------------------
+@custom_op("vcon::blend_weight", mutates_args=(), schema=f"(Tensor weight, {STATE_SCHEMA}, {SPEC_SCHEMA}) -> Tensor")
+def blend_weight(weight, beta, threshold, scales, mask, *spec_args):
+    backend = backends.select(weight.device.type)
+    out = backend.blend_weight(weight, beta, threshold, scales, mask, TransformSpec(*spec_args))
+    return out.clone() if out is weight else out
+
+
+@blend_weight.register_fake
+def _(weight, beta, threshold, scales, mask, *spec_args):
+    return torch.empty_like(weight)
+
+
+@custom_op(
+    "vcon::weight_grad",
+    mutates_args=(),
+    schema=f"(Tensor grad, Tensor weight, {STATE_SCHEMA}, {SPEC_SCHEMA}) -> Tensor",
+)
+def weight_grad(grad, weight, beta, threshold, scales, mask, *spec_args):
+    backend = backends.select(weight.device.type)
+    out = backend.weight_grad(grad, weight, beta, threshold, scales, mask, TransformSpec(*spec_args))
+    return out.clone() if out is grad else out
+
+
+@weight_grad.register_fake
+def _(grad, weight, beta, threshold, scales, mask, *spec_args):
+    return torch.empty_like(grad)
+
+
+def _blend_setup(ctx, inputs, output):
+    weight, beta, threshold, scales, mask, *spec_args = inputs
+    ctx.spec_args = spec_args
+    ctx.save_for_backward(weight, beta, threshold, scales, mask)
+
+
+def _blend_backward(ctx, grad):
+    weight, beta, threshold, scales, mask = ctx.saved_tensors
+    dw = None
+    if ctx.needs_input_grad[0]:
+        exact = TransformSpec(*ctx.spec_args).exact
+        dw = torch.ops.vcon.weight_grad(grad, weight, beta, threshold, scales, mask, *ctx.spec_args) if exact else grad
+    return (dw, None, None, None, None) + (None,) * NUM_SPEC_ARGS
+
+
+register_autograd("vcon::blend_weight", _blend_backward, setup_context=_blend_setup)
+
+
+# -- linear ---------------------------------------------------------------------------------------
+_LINEAR_ARGS = f"Tensor x, Tensor weight, Tensor? bias, {STATE_SCHEMA}, Tensor? u, Tensor? v, {SPEC_SCHEMA}"
+
+
+@custom_op("vcon::linear", mutates_args=(), schema=f"({_LINEAR_ARGS}) -> Tensor")
+def linear(x, weight, bias, beta, threshold, scales, mask, u, v, *spec_args):
+    backend = backends.select(weight.device.type)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = backend.linear_forward(x2, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@linear.register_fake
+def _(x, weight, bias, beta, threshold, scales, mask, u, v, *spec_args):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@custom_op(
+    "vcon::linear_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad_out, {_LINEAR_ARGS}, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def linear_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
+    *spec_args, needs = rest
+    backend = backends.select(weight.device.type)
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dx, dw, db, du, dv = backend.linear_backward(
+        g2, x2, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args), tuple(needs)
+    )
+    dx = _empty(x) if dx is None else dx.reshape(x.shape)
+    return dx, _or_empty(dw, weight), _or_empty(db, weight), _or_empty(du, weight), _or_empty(dv, weight)
+
+
+@linear_backward.register_fake
+def _(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
+    return _fake_grads(x, weight, bias, u, v, rest[-1])
+
+
+def _fake_grads(x, weight, bias, u, v, needs):
+    need_x, need_w, need_b, need_lr = needs
+    dx = torch.empty_like(x) if need_x else _empty(x)
+    dw = torch.empty_like(weight) if need_w else _empty(weight)
+    db = torch.empty_like(bias) if (need_b and bias is not None) else _empty(weight)
+    du = torch.empty_like(u) if (need_lr and u is not None) else _empty(weight)
+    dv = torch.empty_like(v) if (need_lr and v is not None) else _empty(weight)
+    return dx, dw, db, du, dv
+
+
+def _needs(ctx, x_idx, w_idx, b_idx, u_idx, v_idx):
+    n = ctx.needs_input_grad
+    return [n[x_idx], n[w_idx], n[b_idx], n[u_idx] or n[v_idx]]
+
+
+def _grads_tuple(grads, needs):
+    dx, dw, db, du, dv = grads
+    need_x, need_w, need_b, need_lr = needs
+    return (
+        dx if need_x else None,
+        dw if need_w else None,
+        db if (need_b and db.numel()) else None,
+        du if need_lr else None,
+        dv if need_lr else None,
+    )
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, beta, threshold, scales, mask, u, v, *spec_args = inputs
+    ctx.spec_args = spec_args
+    ctx.save_for_backward(x, weight, bias, beta, threshold, scales, mask, u, v)
+
+
+def _linear_backward(ctx, grad_out):
+    saved = ctx.saved_tensors
+    needs = _needs(ctx, 0, 1, 2, 7, 8)
+    grads = torch.ops.vcon.linear_backward(grad_out, *saved, *ctx.spec_args, needs)
+    dx, dw, db, du, dv = _grads_tuple(grads, needs)
+    return (dx, dw, db, None, None, None, None, du, dv) + (None,) * NUM_SPEC_ARGS
+
+
+register_autograd("vcon::linear", _linear_backward, setup_context=_linear_setup)
+
+
+# -- conv2d ---------------------------------------------------------------------------------------
+_CONV_ARGS = (
+    f"Tensor x, Tensor weight, Tensor? bias, {STATE_SCHEMA}, Tensor? u, Tensor? v, {CONV_SCHEMA}, {SPEC_SCHEMA}"
+)
+
+
+def _split_conv(rest):
+    stride, padding, dilation, groups, *spec_args = rest
+    return (list(stride), list(padding), list(dilation), groups), spec_args
+
+
+@custom_op("vcon::conv2d", mutates_args=(), schema=f"({_CONV_ARGS}) -> Tensor")
+def conv2d(x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
+    conv_args, spec_args = _split_conv(rest)
+    backend = backends.select(weight.device.type)
+    return backend.conv2d_forward(
+        x, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args), conv_args
+    )
+
+
+@conv2d.register_fake
+def _(x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
+    (stride, padding, dilation, _), _ = _split_conv(rest)
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty(n, weight.shape[0], oh, ow)
+
+
+@custom_op(
+    "vcon::conv2d_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad_out, {_CONV_ARGS}, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def conv2d_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
+    *rest, needs = rest
+    conv_args, spec_args = _split_conv(rest)
+    backend = backends.select(weight.device.type)
+    spec = TransformSpec(*spec_args)
+    dx, dw, db, du, dv = backend.conv2d_backward(
+        grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, tuple(needs)
+    )
+    return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight), _or_empty(du, weight), _or_empty(dv, weight)
+
+
+@conv2d_backward.register_fake
+def _(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
+    return _fake_grads(x, weight, bias, u, v, rest[-1])
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, beta, threshold, scales, mask, u, v, *rest = inputs
+    ctx.rest = rest
+    ctx.save_for_backward(x, weight, bias, beta, threshold, scales, mask, u, v)
+
+
+def _conv_backward(ctx, grad_out):
+    needs = _needs(ctx, 0, 1, 2, 7, 8)
+    grads = torch.ops.vcon.conv2d_backward(grad_out, *ctx.saved_tensors, *ctx.rest, needs)
+    dx, dw, db, du, dv = _grads_tuple(grads, needs)
+    return (dx, dw, db, None, None, None, None, du, dv) + (None,) * (4 + NUM_SPEC_ARGS)
+
+
+register_autograd("vcon::conv2d", _conv_backward, setup_context=_conv_setup)

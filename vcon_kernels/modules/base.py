@@ -1,0 +1,153 @@
+"""What every VCON layer shares: config, per-stage beta, stored mask, low-rank factors.
+
+A layer holds parameters and state; it never computes the blend itself. Its forward is
+one call into ``vcon_kernels.functional``.
+
+State kept per layer:
+
+* ``beta`` (buffer, fp32, one entry per stage in ``stage_names``): 1.0 at creation,
+  written by ``set_beta`` / ``VCONScheduler``. It stays fp32 when the module is cast
+  (``.half()``, ``.to(torch.bfloat16)``): a bf16 beta would round a linear schedule into
+  a staircase.
+* ``mask`` (buffer, uint8, bit-packed (N, ceil(K/8))) only for pruning with
+  ``update="once"`` or an int ``k``; with ``update="step"`` the mask is re-derived from the
+  weights at every call and nothing is stored.
+* ``lowrank_u`` / ``lowrank_v`` (parameters) for ``LowRank``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import transforms
+from ..configs import LowRank
+from ..configs import VCONConfig
+from ..configs import prune_stage
+from ..functional import VCONState
+from ..functional import check_beta_value
+from ..functional import layer_state
+from ..packing import pack_mask
+
+
+def check_config(config) -> VCONConfig:
+    if not isinstance(config, VCONConfig):
+        raise TypeError(
+            "config must be a vcon_kernels config (vk.Prune, vk.Quantize, vk.LowRank or vk.Compose), "
+            f"got {type(config).__name__}"
+        )
+    return config
+
+
+def check_finite(weight: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{where}: weight has NaN or Inf entries; VCON cannot derive masks/scales from it")
+
+
+class VCONLayerBase(nn.Module):
+    """Shared behaviour of :class:`VCONLinear` and :class:`VCONConv2d` (not used directly)."""
+
+    config: VCONConfig
+    mask: Optional[torch.Tensor]
+
+    def _init_vcon_state(self, config: VCONConfig) -> None:
+        """Called once the layer has ``weight`` (and ``bias``); builds beta, mask, U and V."""
+        self.config = config
+        self.stage_names = tuple(config.stage_names)
+        device = self.weight.device
+        self.register_buffer("beta", torch.ones(len(self.stage_names), dtype=torch.float32, device=device))
+        self.register_buffer("mask", None)
+        if isinstance(config, LowRank):
+            self._init_lowrank()
+        prune = prune_stage(config)
+        if prune is not None and prune.stores_mask:
+            self.register_buffer("mask", self._current_mask())
+
+    # -- weights as the (N, K) matrix the transforms work on ------------------------------------
+    def weight_2d(self) -> torch.Tensor:
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    @property
+    def state(self) -> VCONState:
+        return VCONState(self.mask, getattr(self, "lowrank_u", None), getattr(self, "lowrank_v", None))
+
+    def spec(self):
+        rows, cols = self.weight_2d().shape
+        return self.config.spec(rows, cols, stored_mask=self.mask is not None)
+
+    # -- beta ------------------------------------------------------------------------------------
+    def _stage_index(self, stage: Optional[str]) -> Optional[int]:
+        if stage is None:
+            return None
+        if stage not in self.stage_names:
+            raise ValueError(f"stage must be one of {self.stage_names} for this layer, got {stage!r}")
+        return self.stage_names.index(stage)
+
+    @torch.no_grad()
+    def set_beta(self, value: float, stage: Optional[str] = None) -> None:
+        """Set beta (in [0, 1]) of one stage, or of every stage when ``stage`` is None."""
+        value = check_beta_value(value)
+        index = self._stage_index(stage)
+        if index is None:
+            self.beta.fill_(value)
+        else:
+            self.beta[index] = value
+
+    def get_beta(self, stage: Optional[str] = None) -> float:
+        index = self._stage_index(stage)
+        if index is None:
+            if len(self.stage_names) != 1:
+                raise ValueError(f"this layer has stages {self.stage_names}; name one")
+            index = 0
+        return float(self.beta[index])
+
+    def _apply(self, fn, recurse=True):
+        beta = self.beta
+        super()._apply(fn, recurse)
+        if self.beta.dtype != torch.float32:
+            self.beta = beta.to(device=self.beta.device, dtype=torch.float32)
+        return self
+
+    # -- mask ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _current_mask(self) -> torch.Tensor:
+        """Bit-packed keep-mask derived from the current weights (the config's rule)."""
+        w2d = self.weight_2d()
+        rows, cols = w2d.shape
+        spec = self.config.spec(rows, cols, stored_mask=False)
+        threshold, _ = layer_state(w2d, self.beta, spec, None)
+        return pack_mask(transforms.keep_mask(w2d, threshold, None, spec))
+
+    @torch.no_grad()
+    def refresh_mask(self) -> None:
+        """Re-derive a stored mask from the current weights (no-op for online masks)."""
+        if self.mask is not None:
+            self.mask.copy_(self._current_mask())
+
+    # -- low rank ---------------------------------------------------------------------------------
+    def _lowrank_shapes(self, rank: int):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _init_lowrank(self) -> None:
+        w2d = self.weight_2d()
+        rows, cols = w2d.shape
+        rank = self.config.rank_for(rows, cols)
+        u, s, vh = torch.linalg.svd(w2d.detach().to(torch.float64), full_matrices=False)
+        root = s[:rank].sqrt()
+        u_shape, v_shape = self._lowrank_shapes(rank)
+        factor_u = (u[:, :rank] * root).reshape(u_shape).to(self.weight.dtype)
+        factor_v = (root[:, None] * vh[:rank]).reshape(v_shape).to(self.weight.dtype)
+        self.lowrank_u = nn.Parameter(factor_u, requires_grad=self.weight.requires_grad)
+        self.lowrank_v = nn.Parameter(factor_v, requires_grad=self.weight.requires_grad)
+
+    @property
+    def rank(self) -> Optional[int]:
+        v = getattr(self, "lowrank_v", None)
+        return None if v is None else v.shape[0]
+
+    def _vcon_repr(self) -> str:
+        betas = ", ".join(f"{n}={b:.4g}" for n, b in zip(self.stage_names, self.beta.tolist()))
+        return f"config={self.config}, beta=({betas})"

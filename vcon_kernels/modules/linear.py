@@ -1,0 +1,70 @@
+"""VCONLinear: ``nn.Linear`` whose weight fades into its compressed form.
+
+Example usage::
+
+    import vcon_kernels as vk
+    layer = vk.VCONLinear.from_linear(nn.Linear(512, 256), vk.Quantize(bits=4))
+    layer.set_beta(0.5)
+    y = layer(x)              # x (W/2 + Q(W)/2)^T + b, one fused op
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..configs import VCONConfig
+from ..functional import vcon_linear
+from .base import VCONLayerBase
+from .base import check_config
+from .base import check_finite
+
+
+class VCONLinear(VCONLayerBase):
+    """A linear layer running dense and compressed paths as one blended op.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        config: a ``vk.Prune``, ``vk.Quantize``, ``vk.LowRank`` or ``vk.Compose``.
+
+    Forward: ``vk.functional.vcon_linear(x, weight, bias, beta, config, state)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, config: VCONConfig = None,
+                 device=None, dtype=None):
+        super().__init__()
+        check_config(config)
+        config.check_layer(out_features, in_features, "VCONLinear")
+        dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._adopt(dense.weight, dense.bias, config)
+
+    def _adopt(self, weight: nn.Parameter, bias, config: VCONConfig) -> None:
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0]
+        self.weight = weight
+        self.bias = bias
+        self._init_vcon_state(config)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: VCONConfig, name: str = "layer") -> VCONLinear:
+        """Wrap an existing ``nn.Linear``; its weight and bias Parameters are shared, not copied."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{name}: from_linear expects an nn.Linear, got {type(linear).__name__}")
+        check_config(config)
+        config.check_layer(linear.out_features, linear.in_features, name)
+        check_finite(linear.weight, name)
+        layer = cls.__new__(cls)
+        VCONLayerBase.__init__(layer)
+        layer._adopt(linear.weight, linear.bias, config)
+        layer.train(linear.training)
+        return layer
+
+    def _lowrank_shapes(self, rank: int):
+        return (self.out_features, rank), (rank, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vcon_linear(x, self.weight, self.bias, self.beta, self.config, self.state)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self._vcon_repr()}")
