@@ -1,4 +1,12 @@
 import os
 import sys
 
+import torch
+
+# Triton kernels are interpreted on CPU-only machines. The variable must be set before
+# any kernel module is imported (whether a kernel is interpreted is fixed when
+# @triton.jit runs), so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
