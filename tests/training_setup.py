@@ -101,20 +101,21 @@ def full_state(model: nn.Module) -> dict:
     return {k: full(v).detach().clone() for k, v in model.state_dict().items()}
 
 
-def train(model, opt, sched, shards=(0,), accum: int = 2, micro_context=None, inner=None, steps: int = STEPS):
-    """``steps`` optimizer steps of ``accum`` micro-batches each over data ``shards``.
+def train(model, opt, sched, shards=(0,), accum: int = 2, micro_context=None, inner=None, steps: int = STEPS,
+          first_step: int = 0, lr_sched=None):
+    """Optimizer steps ``first_step .. steps - 1``, ``accum`` micro-batches each, over data ``shards``.
 
     A single-process reference passes every shard (the concatenated batch); a distributed rank
     passes its own. ``micro_context(is_last)`` wraps each micro-batch (DDP's ``no_sync`` for all
     but the last, for example). ``inner`` is the unwrapped model, for recording layer state.
-    The scheduler steps once per optimizer step, after ``opt.step()``.
+    The VCON scheduler (and ``lr_sched``) step once per optimizer step, after ``opt.step()``.
 
     Returns (losses, states): the mean loss of each step over this process's data, and
     ``layer_states`` before every step and after the last.
     """
     inner = model if inner is None else inner
     losses, states = [], [layer_states(inner)]
-    for step in range(steps):
+    for step in range(first_step, steps):
         total = 0.0
         for micro in range(accum):
             x, y = (torch.cat(parts) for parts in zip(*(batch(step, micro, s) for s in shards)))
@@ -125,6 +126,8 @@ def train(model, opt, sched, shards=(0,), accum: int = 2, micro_context=None, in
             total += loss.item()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if lr_sched is not None:
+            lr_sched.step()
         sched.step()
         losses.append(total)
         states.append(layer_states(inner))
