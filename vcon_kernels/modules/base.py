@@ -57,6 +57,11 @@ def _unsharded(weight: torch.Tensor) -> torch.Tensor:
 
 
 def check_finite(weight: torch.Tensor, where: str) -> None:
+    if weight.is_meta:
+        raise ValueError(
+            f"{where}: weight is on the meta device (not materialized); masks, scales and low-rank factors "
+            "are derived from the weights, so convert after the weights are loaded"
+        )
     if not torch.isfinite(weight).all():
         raise ValueError(f"{where}: weight has NaN or Inf entries; VCON cannot derive masks/scales from it")
 
