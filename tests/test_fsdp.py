@@ -7,7 +7,8 @@ through the module parameters that FSDP2 gathers: between steps ``weight`` is a 
 ``DTensor``, while inside ``forward`` it is the plain, full-size unsharded parameter (a layer
 that kept its own reference to the weight would compute with a stale or sharded tensor, and the
 parity check would fail), and that no layer output is a view (FSDP2 warns that an in-place op on
-one would skip its pre-backward all-gather).
+one would skip its pre-backward all-gather). Finally rank 0 gathers a full state dict, loads it
+into an unsharded model and finalizes it: its outputs equal the sharded model's.
 """
 
 import contextlib
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from distributed_utils import run_workers
 from training_setup import assert_parity
+from training_setup import batch
 from training_setup import full_state
 from training_setup import make_model
 from training_setup import make_optimizer
@@ -63,6 +65,27 @@ def _fsdp_worker(rank, world_size, out_dir):
     dist.all_reduce(mean_losses)
     mean_losses /= world_size
     torch.save({"losses": mean_losses, "states": states, "params": full_state(model)}, f"{out_dir}/rank{rank}.pt")
+    finalize_on_rank0(model, rank)
+
+
+def finalize_on_rank0(model, rank):
+    """The README recipe: gather a full state dict, load it into an unsharded model, finalize there."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    x, _ = batch(99, 0)
+    with torch.no_grad():
+        y_sharded = model(x)  # a collective: every rank runs it
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        assert not state  # cpu_offload: only rank 0 receives the full state dict
+        return
+    plain = make_model(seed=1)  # another init: everything must come from the state dict
+    plain.load_state_dict(state)
+    final = vk.finalize(plain)
+    assert not vk.vcon_layers(final)
+    with torch.no_grad():
+        torch.testing.assert_close(final(x), y_sharded, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
