@@ -21,12 +21,15 @@ import torch.distributed as dist
 from distributed_utils import run_workers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from training_setup import assert_parity
+from training_setup import batch
 from training_setup import full_state
 from training_setup import make_model
 from training_setup import make_optimizer
 from training_setup import make_scheduler
 from training_setup import single_process_reference
 from training_setup import train
+
+import vcon_kernels as vk
 
 WORLD = 2
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
@@ -46,6 +49,13 @@ def _ddp_worker(rank, world_size, out_dir):
     dist.all_reduce(mean_losses)
     mean_losses /= world_size
     torch.save({"losses": mean_losses, "states": states, "params": full_state(model)}, f"{out_dir}/rank{rank}.pt")
+    if rank == 0:  # the README recipe: finalize the wrapped module once the transition is over
+        assert sched.finished
+        x, _ = batch(99, 0)
+        with torch.no_grad():
+            y = model(x)
+            final = vk.finalize(ddp.module)
+            torch.testing.assert_close(final(x), y, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
