@@ -5,6 +5,9 @@ method they leave alone runs this plain-torch version. Every method takes the fl
 already-validated arguments of the ``torch.ops.vcon`` ops (weights 2-D (N, K), inputs
 2-D (M, K), ``beta`` an fp32 tensor of one entry per stage) and a ``TransformSpec``.
 
+beta stays an fp32 0-dim tensor in elementwise products: a CPU scalar tensor keeps its own
+precision inside a bf16/fp16 kernel, whereas casting it first would round beta to bf16.
+
 Memory: the forward builds the blended weight as one temporary, uses it for one GEMM and
 drops it; the backward rebuilds it. Nothing the size of a weight is kept between forward
 and backward besides the parameters themselves.
@@ -44,7 +47,7 @@ class TorchBackend:
         if not spec.exact:
             return grad_w_eff
         if spec.lowrank:
-            return grad_w_eff * beta[0].to(grad_w_eff.dtype)
+            return grad_w_eff * beta[0]
         coef = transforms.blend_weight_with_coef(
             weight, beta, threshold, scales, mask, spec, want_weight=False, want_coef=True
         )[1]
@@ -76,13 +79,13 @@ class TorchBackend:
     def _lowrank_forward(self, x, weight, bias, beta, u, v):
         # The bias rides on both paths (b = beta b + (1 - beta) b) so that beta = 1 is
         # nn.Linear and beta = 0 is the finalized V-then-U pair, bit for bit.
-        b = beta[0].to(x.dtype)
+        b = beta[0]
         low = F.linear(F.linear(x, v), u, bias).mul_(1 - b)
         return F.linear(x, weight, bias).mul_(b).add_(low)
 
     def _lowrank_backward(self, grad_out, x, weight, beta, u, v, spec, needs):
         need_x, need_w, need_b, need_lr = needs
-        b = beta[0].to(grad_out.dtype)
+        b = beta[0]
         gu = grad_out @ u  # (M, r)
         dx = dw = db = du = dv = None
         if need_x:
@@ -102,7 +105,7 @@ class TorchBackend:
     def conv2d_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args) -> Tensor:
         stride, padding, dilation, groups = conv_args
         if spec.lowrank:  # bias on both paths, as in _lowrank_forward
-            b = beta[0].to(x.dtype)
+            b = beta[0]
             t = F.conv2d(x, v, None, stride, padding, dilation, groups)
             low = F.conv2d(t, u, bias).mul_(1 - b)
             return F.conv2d(x, weight, bias, stride, padding, dilation, groups).mul_(b).add_(low)
@@ -128,7 +131,7 @@ class TorchBackend:
             if need_w:
                 dw = self.weight_grad(g.reshape(w2d.shape), w2d, beta, threshold, scales, mask, spec).view_as(weight)
             return dx, dw, db, None, None
-        b = beta[0].to(grad_out.dtype)
+        b = beta[0]
         dx, g, _ = backward_of(grad_out, x, weight, [need_x, need_w, False])
         if dx is not None:
             dx = dx.mul_(b)
