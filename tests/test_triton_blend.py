@@ -6,10 +6,12 @@ import triton  # noqa: F401  (a missing Triton fails this module, it does not sk
 from cases import LINEAR_CASES
 from cases import make_linear
 from cases import set_betas
+from triton_helpers import DEVICE
 from triton_helpers import TORCH
 from triton_helpers import TRITON
 from triton_helpers import assert_close
 from triton_helpers import layer_tensors
+from triton_helpers import on_device
 
 import vcon_kernels as vk
 from vcon_kernels.reference import reference_keep_mask
@@ -27,14 +29,14 @@ def _state(layer):
 @pytest.mark.parametrize("case", sorted(LINEAR_CASES))
 def test_blend_and_weight_grad_bit_exact(case, grad, beta, dtype):
     """Same fp32 formula, same IEEE division and rounding decisions: identical bits to the torch backend."""
-    layer = make_linear(case, grad, dtype)
+    layer = on_device(make_linear(case, grad, dtype))
     set_betas(layer, beta, 1.0 - beta)
     spec = layer.spec()
     w, beta_t, thr, scales, mask = _state(layer)
     w_eff = TRITON.blend_weight(w, beta_t, thr, scales, mask, spec)
     assert w_eff.dtype == dtype
     assert torch.equal(w_eff, TORCH.blend_weight(w, beta_t, thr, scales, mask, spec))
-    g = torch.randn(w.shape).to(dtype)
+    g = torch.randn(w.shape).to(device=DEVICE, dtype=dtype)
     dw = TRITON.weight_grad(g, w, beta_t, thr, scales, mask, spec)
     dw_ref = TORCH.weight_grad(g, w, beta_t, thr, scales, mask, spec)
     if spec.lowrank and dtype != torch.float32:
@@ -51,9 +53,9 @@ def test_nm_ties_match_reference_ranks(n, m, k):
     dividing the tile) and from memory (m = 6); checked against reference.py's explicit rank count."""
     torch.manual_seed(0)
     cfg = vk.Prune(granularity="nm", n=n, m=m)
-    layer = vk.VCONLinear(k, 19, config=cfg)
+    layer = on_device(vk.VCONLinear(k, 19, config=cfg))
     with torch.no_grad():
-        layer.weight.copy_(torch.randint(-2, 3, layer.weight.shape).float())  # many ties, zeros
+        layer.weight.copy_(torch.randint(-2, 3, layer.weight.shape).float().to(DEVICE))  # many ties, zeros
     layer.set_beta(0.0)
     w, beta, thr, scales, mask = _state(layer)
     w_eff = TRITON.blend_weight(w, beta, thr, scales, mask, layer.spec())
@@ -67,8 +69,8 @@ def test_nm_ties_match_reference_ranks(n, m, k):
 
 def test_quant_rounds_half_to_even():
     """Codes exactly at .5 (W / s = k + 0.5) round to the even integer, as torch.round."""
-    w = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5]])
-    layer = vk.VCONLinear(8, 1, config=vk.Quantize(bits=8))
+    w = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5]], device=DEVICE)
+    layer = on_device(vk.VCONLinear(8, 1, config=vk.Quantize(bits=8)))
     with torch.no_grad():
         layer.weight.copy_(w)  # s = 127 / 127 = 1
     layer.set_beta(0.0)

@@ -11,16 +11,25 @@ import triton  # noqa: F401  (a missing Triton fails this module, it does not sk
 from cases import LINEAR_CASES
 from cases import make_linear
 from cases import set_betas
+from triton_helpers import DEVICE
 from triton_helpers import TORCH
 from triton_helpers import TRITON
 from triton_helpers import assert_close
 from triton_helpers import layer_tensors
 from triton_helpers import matmul_tiles
+from triton_helpers import no_tf32
+from triton_helpers import on_device
 
 import vcon_kernels as vk
 from vcon_kernels.ops import dispatch
 
 CASES = sorted(LINEAR_CASES)
+
+
+@pytest.fixture(autouse=True)
+def full_fp32():
+    with no_tf32():
+        yield
 
 
 def _run(backend, layer, x, g, bias):
@@ -35,8 +44,8 @@ def _run(backend, layer, x, g, bias):
 
 def _compare(layer, m, dtype, strategy, with_bias=(True, False), seed=1):
     torch.manual_seed(seed)
-    x = torch.randn(m, layer.in_features).to(dtype)
-    g = torch.randn(m, layer.out_features).to(dtype)
+    x = torch.randn(m, layer.in_features).to(device=DEVICE, dtype=dtype)
+    g = torch.randn(m, layer.out_features).to(device=DEVICE, dtype=dtype)
     for has_bias in with_bias:
         bias = layer.bias.detach() if has_bias else None
         with dispatch.force(strategy):
@@ -57,7 +66,7 @@ def _compare(layer, m, dtype, strategy, with_bias=(True, False), seed=1):
 @pytest.mark.parametrize("grad", ["ste", "exact"])
 @pytest.mark.parametrize("case", CASES)
 def test_fused_matches_torch_backend(case, grad, beta, dtype):
-    layer = make_linear(case, grad, dtype)
+    layer = on_device(make_linear(case, grad, dtype))
     set_betas(layer, beta)
     # without a bias at beta = 0, with one otherwise: every mode, grad and dtype sees both
     _compare(layer, 70, dtype, "fused", with_bias=(beta != 0.0,))
@@ -68,7 +77,7 @@ def test_fused_matches_torch_backend(case, grad, beta, dtype):
 @pytest.mark.parametrize("case", CASES)
 def test_weff_strategy_matches_torch_backend(case, grad, dtype):
     """Build W_eff + torch.mm: the kernels are blend_weight / weight_grad (bit-exact, test_triton_blend)."""
-    layer = make_linear(case, grad, dtype)
+    layer = on_device(make_linear(case, grad, dtype))
     set_betas(layer, 0.37)
     _compare(layer, 9, dtype, "weff", with_bias=(grad == "ste",))
 
@@ -76,7 +85,7 @@ def test_weff_strategy_matches_torch_backend(case, grad, dtype):
 @pytest.mark.parametrize("grad", ["ste", "exact"])
 @pytest.mark.parametrize("case", ["prune_int4", "nm_int8_group", "prune_binary"])
 def test_compose_stages_with_their_own_beta(case, grad):
-    layer = make_linear(case, grad)
+    layer = on_device(make_linear(case, grad))
     set_betas(layer, 0.3, 0.8)
     _compare(layer, 11, torch.float32, "fused")
 
@@ -89,29 +98,29 @@ def test_many_tiles_in_every_dimension(case, dtype):
     N:M groups read from registers (m=4 <= 16) or from memory (m=6)."""
     if case == "nm_3_6":
         torch.manual_seed(0)
-        layer = vk.VCONLinear.from_linear(torch.nn.Linear(48, 37, dtype=dtype),
-                                          vk.Prune(granularity="nm", n=3, m=6, grad="exact"))
+        layer = on_device(vk.VCONLinear.from_linear(torch.nn.Linear(48, 37, dtype=dtype),
+                                                    vk.Prune(granularity="nm", n=3, m=6, grad="exact")))
     else:
-        layer = make_linear(case, "exact", dtype)
+        layer = on_device(make_linear(case, "exact", dtype))
     set_betas(layer, 0.37)
     with matmul_tiles(16, 16, 16):
         _compare(layer, 37, dtype, "fused", with_bias=(True,))
 
 
 def test_fp16_fused():
-    layer = make_linear("nm_int8_group", "exact", torch.float16)
+    layer = on_device(make_linear("nm_int8_group", "exact", torch.float16))
     set_betas(layer, 0.37)
     _compare(layer, 20, torch.float16, "fused", with_bias=(True,))
 
 
 def test_partial_needs():
     """Only what is asked for is computed; db without dW comes from a plain reduction."""
-    layer = make_linear("prune_layer", "exact")
+    layer = on_device(make_linear("prune_layer", "exact"))
     set_betas(layer, 0.5)
     w, bias, beta, mask, u, v = layer_tensors(layer)
     spec = layer.spec()
     thr, scales = TORCH.compute_state(w, beta, mask, spec)
-    x, g = torch.randn(6, 53), torch.randn(6, 37)
+    x, g = torch.randn(6, 53, device=DEVICE), torch.randn(6, 37, device=DEVICE)
     for needs in [(True, False, False, False), (False, True, False, False), (False, False, True, False)]:
         got = TRITON.linear_backward(g, x, w, bias, beta, thr, scales, mask, u, v, spec, needs)
         ref = TORCH.linear_backward(g, x, w, bias, beta, thr, scales, mask, u, v, spec, needs)

@@ -12,13 +12,22 @@ from cases import LINEAR_CASES
 from cases import make_linear
 from cases import run_fwd_bwd
 from cases import set_betas
+from triton_helpers import DEVICE
 from triton_helpers import TRITON
+from triton_helpers import no_tf32
+from triton_helpers import on_device
 
 import vcon_kernels as vk
 from vcon_kernels.ops import dispatch
 from vcon_kernels.reference import ReferenceVCON
 
 TOL = dict(atol=3e-5, rtol=2e-5)
+
+
+@pytest.fixture(autouse=True)
+def full_fp32():
+    with no_tf32():
+        yield
 
 
 def _check_against_reference(layer, x, grad_out, tol=TOL):
@@ -37,11 +46,11 @@ def _check_against_reference(layer, x, grad_out, tol=TOL):
 @pytest.mark.parametrize("case", sorted(LINEAR_CASES))
 def test_vcon_linear_matches_reference(case, grad, beta):
     """compute_state + fused forward + fused backward through torch.ops.vcon, against reference.py."""
-    layer = make_linear(case, grad)
+    layer = on_device(make_linear(case, grad))
     set_betas(layer, beta)
     torch.manual_seed(2)
-    x = torch.randn(2, 5, layer.in_features)
-    _check_against_reference(layer, x, torch.randn(2, 5, layer.out_features))
+    x = torch.randn(2, 5, layer.in_features, device=DEVICE)
+    _check_against_reference(layer, x, torch.randn(2, 5, layer.out_features, device=DEVICE))
 
 
 CONV_CASES = {
@@ -59,21 +68,21 @@ CONV_CASES = {
 def test_vcon_conv2d_matches_reference(case, grad):
     """Convolutions use the Triton blend_weight / weight_grad kernels, then the ordinary convolution."""
     torch.manual_seed(0)
-    layer = vk.VCONConv2d.from_conv2d(torch.nn.Conv2d(4, 6, 3, padding=1), CONV_CASES[case](grad))
+    layer = on_device(vk.VCONConv2d.from_conv2d(torch.nn.Conv2d(4, 6, 3, padding=1), CONV_CASES[case](grad)))
     layer.set_beta(0.37)
-    x = torch.randn(2, 4, 7, 7)
-    _check_against_reference(layer, x, torch.randn(2, 6, 7, 7), dict(atol=1e-4, rtol=1e-4))
+    x = torch.randn(2, 4, 7, 7, device=DEVICE)
+    _check_against_reference(layer, x, torch.randn(2, 6, 7, 7, device=DEVICE), dict(atol=1e-4, rtol=1e-4))
 
 
 def test_bf16_layer_close_to_fp32():
-    layer = make_linear("nm_int8_group", "exact", torch.bfloat16)
-    ref = make_linear("nm_int8_group", "exact", torch.float32)
+    layer = on_device(make_linear("nm_int8_group", "exact", torch.bfloat16))
+    ref = on_device(make_linear("nm_int8_group", "exact", torch.float32))
     with torch.no_grad():
         for p_ref, p in zip(ref.parameters(), layer.parameters()):
             p_ref.copy_(p.float())
     set_betas(layer, 0.37)
     set_betas(ref, 0.37)
-    x = torch.randn(6, layer.in_features).to(torch.bfloat16)
+    x = torch.randn(6, layer.in_features, device=DEVICE).to(torch.bfloat16)
     with vk.backends.use("triton"):
         y = layer(x)
         y.float().sum().backward()
@@ -83,16 +92,16 @@ def test_bf16_layer_close_to_fp32():
 
 
 def test_fp64_and_empty_batch_use_the_plain_torch_path():
-    layer = make_linear("prune_int4", "exact", torch.float64)
+    layer = on_device(make_linear("prune_int4", "exact", torch.float64))
     set_betas(layer, 0.4)
-    x = torch.randn(3, layer.in_features, dtype=torch.float64)
+    x = torch.randn(3, layer.in_features, dtype=torch.float64, device=DEVICE)
     with vk.backends.use("triton"):
         y = layer(x)
     with vk.backends.use("torch"):
         assert torch.equal(y, layer(x))
-    layer32 = make_linear("lowrank")
+    layer32 = on_device(make_linear("lowrank"))
     with vk.backends.use("triton"):
-        y0 = layer32(torch.randn(0, layer32.in_features, requires_grad=True))
+        y0 = layer32(torch.randn(0, layer32.in_features, device=DEVICE, requires_grad=True))
         y0.sum().backward()
     assert y0.shape == (0, layer32.out_features)
 
@@ -115,9 +124,9 @@ def test_explain_reports_the_strategy():
 
 
 def test_debug_log_names_the_strategy(caplog):
-    layer = make_linear("int8_channel")
+    layer = on_device(make_linear("int8_channel"))
     with caplog.at_level(logging.DEBUG, logger="vcon_kernels.triton"), vk.backends.use("triton"):
-        layer(torch.randn(4, layer.in_features, requires_grad=True)).sum().backward()
+        layer(torch.randn(4, layer.in_features, device=DEVICE, requires_grad=True)).sum().backward()
     messages = [r.getMessage() for r in caplog.records]
     assert any("forward: M=4" in m and "strategy=fused" in m for m in messages)
     assert any("backward: M=4" in m for m in messages)
@@ -135,7 +144,7 @@ def test_strategy_env_and_errors(monkeypatch):
 
 
 def test_compile_fullgraph_no_recompile_when_beta_changes():
-    layer = make_linear("prune_int4")
+    layer = on_device(make_linear("prune_int4"))
     compiles = []
 
     def backend(gm, example_inputs):
@@ -145,7 +154,7 @@ def test_compile_fullgraph_no_recompile_when_beta_changes():
     torch._dynamo.reset()
     with vk.backends.use("triton"):
         fn = torch.compile(layer, fullgraph=True, backend=backend)
-        x = torch.randn(5, layer.in_features)
+        x = torch.randn(5, layer.in_features, device=DEVICE)
         outs = []
         for beta in (0.9, 0.5, 0.1):
             set_betas(layer, beta)

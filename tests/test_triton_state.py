@@ -6,9 +6,11 @@ import triton  # noqa: F401  (a missing Triton fails this module, it does not sk
 from cases import LINEAR_CASES
 from cases import make_linear
 from cases import set_betas
+from triton_helpers import DEVICE
 from triton_helpers import TORCH
 from triton_helpers import TRITON
 from triton_helpers import layer_tensors
+from triton_helpers import on_device
 
 from vcon_kernels import ops
 from vcon_kernels import transforms
@@ -21,7 +23,7 @@ def _weights(rows, cols, dtype, seed=0):
     w = torch.randn(rows, cols)
     w[1, :7] = 0.0
     w[2, 3:9] = -0.0  # negative zeros have |w| = +0
-    return w.to(dtype)
+    return w.to(device=DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF_AND_FULL, ids=str)
@@ -47,7 +49,7 @@ def test_threshold_several_chunks_per_program(per_row):
 @pytest.mark.parametrize("per_row", [False, True])
 def test_threshold_ties_and_empty_keep(per_row):
     torch.manual_seed(1)
-    w = torch.randint(-3, 4, (9, 40)).float()  # few distinct magnitudes: ties at every threshold
+    w = torch.randint(-3, 4, (9, 40)).float().to(DEVICE)  # few distinct magnitudes: ties at every threshold
     w[4] = 0.0
     for sparsity in (0.2, 0.5, 0.8, 0.999):  # 0.999 keeps round(40 * 0.001) = 0: threshold +inf
         expected = transforms.prune_threshold(w, sparsity, per_row)
@@ -57,7 +59,7 @@ def test_threshold_ties_and_empty_keep(per_row):
 
 def test_threshold_rejects_other_dtypes():
     with pytest.raises(TypeError, match="weight dtype must be one of"):
-        ops.prune_threshold(torch.randn(3, 4, dtype=torch.float64), 0.5, False)
+        ops.prune_threshold(torch.randn(3, 4, dtype=torch.float64, device=DEVICE), 0.5, False)
 
 
 QUANT_CASES = [c for c in sorted(LINEAR_CASES) if "int" in c or "binary" in c]
@@ -68,7 +70,7 @@ QUANT_CASES = [c for c in sorted(LINEAR_CASES) if "int" in c or "binary" in c]
 @pytest.mark.parametrize("case", sorted(LINEAR_CASES))
 def test_compute_state_matches_torch_backend(case, beta, dtype):
     """Thresholds and integer scales bit for bit; binary scales (a sum) to a few fp32 ulps."""
-    layer = make_linear(case, dtype=dtype)
+    layer = on_device(make_linear(case, dtype=dtype))
     set_betas(layer, beta, 1.0 - beta)
     w, _, beta_t, mask, _, _ = layer_tensors(layer)
     spec = layer.spec()
@@ -85,11 +87,11 @@ def test_compute_state_matches_torch_backend(case, beta, dtype):
 
 def test_scales_follow_the_prune_blend():
     """Binary scale over W1 = where(M, W, beta_p W): pruned entries count only while beta_p > 0."""
-    layer = make_linear("prune_binary")
+    layer = on_device(make_linear("prune_binary"))
     w, _, _, mask, _, _ = layer_tensors(layer)
     spec = layer.spec()
     for bp in (0.0, 0.5):
-        beta = torch.tensor([bp, 0.3])
+        beta = torch.tensor([bp, 0.3], device=DEVICE)
         thr, scales = TRITON.compute_state(w, beta, mask, spec)
         keep = w.abs() >= thr
         w1 = torch.where(keep, w, bp * w)

@@ -9,6 +9,9 @@ import torch
 import vcon_kernels as vk
 from vcon_kernels import ops
 
+# CPU (interpreted) here; the GPU run of bench/gpu_check.sh runs the same tests natively on CUDA.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 # Without Triton (or with TRITON_INTERPRET unset on a CPU machine) this raises at import:
 # the kernel tests fail, they are never skipped.
 TRITON = vk.backends.get("triton")
@@ -22,6 +25,21 @@ TOL = {
     torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
     torch.float16: dict(atol=1e-3, rtol=2e-3),
 }
+
+
+def on_device(module):
+    return module.to(DEVICE)
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full fp32 convolutions and matmuls on a GPU (the references are compared at fp32 tolerances)."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def layer_tensors(layer):

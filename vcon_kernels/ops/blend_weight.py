@@ -34,8 +34,7 @@ BLOCKS = (64, 64) if INTERPRET else (8, 256)
 def _blend_weight_kernel(
     w_ptr, out_ptr, n_rows, n_cols, stride_wr, stride_wc, stride_or, stride_oc,
     beta_ptr, thr_ptr, thr_stride, mask_ptr, mask_stride, stored_mask, nm_n, nm_m,
-    nm_in_tile, scale_ptr, scale_row_stride, group_size, scale_grouped, binary, qmin, qmax,
-    PRUNE: tl.constexpr, QUANT: tl.constexpr,
+    nm_in_tile, scale_ptr, scale_row_stride, group_size, scale_grouped, binary, qmin, qmax, prune_kind, quant_on,
     SCALE_BY_BETA: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -48,9 +47,9 @@ def _blend_weight_kernel(
         w_eff = w * tl.load(beta_ptr)
     else:
         t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
-                              rows[:, None], (rows < n_rows)[:, None], wr, wc, valid, PRUNE, QUANT)
+                              rows[:, None], (rows < n_rows)[:, None], wr, wc, valid, prune_kind, quant_on)
         w_eff = transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr, mask_ptr, mask_stride,
-                               stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax, PRUNE, QUANT, False, 1)
+                               stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax, prune_kind, quant_on, False, 1)
     out = out_ptr + wr.to(tl.int64) * stride_or + wc * stride_oc
     tl.store(out, cast_to(w_eff, out_ptr.dtype.element_ty, UPCAST), mask=valid)
 
@@ -69,7 +68,8 @@ def blend_weight(state: WeightState, scale_by_beta: bool = False) -> torch.Tenso
     if out.numel() == 0:
         return out
     args = state.kernel_args()
-    args.pop("w_ptr")
+    for name in ("w_ptr", "PRUNE", "QUANT"):  # the mode is a runtime value here (prune_kind, quant_on)
+        args.pop(name)
     block_r, block_c = BLOCKS
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     launch(

@@ -92,7 +92,7 @@ def quant_scales(state: WeightState) -> torch.Tensor:
     if w.numel():
         args = state.kernel_args()
         for unused in ("scale_ptr", "scale_row_stride", "group_size", "qmin", "qmax", "QUANT", "scale_grouped",
-                       "binary"):
+                       "binary", "prune_kind", "quant_on"):
             args.pop(unused)
         block_c = min(triton.next_power_of_2(group_len), 256 if INTERPRET else 128)
         launch(

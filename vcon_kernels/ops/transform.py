@@ -10,12 +10,12 @@ Transform state, passed flat (``*_ptr`` are device pointers, never host values, 
 changing beta or the threshold never recompiles nor syncs):
 
 * ``beta_ptr``: fp32 ``[beta_p, beta_q]`` (prune + quantize) or ``[beta]``.
-* ``PRUNE`` (constexpr): 0 none; 1 an elementwise keep-mask, either the threshold
+* ``PRUNE``: 0 none; 1 an elementwise keep-mask, either the threshold
   ``|W| >= thr[row * thr_stride]`` (``thr_stride`` 0 per layer, 1 per row) or, when the
   runtime flag ``stored_mask`` is set, a stored bit-packed mask (``packing.py`` layout: bit
   ``k % 8`` of byte ``k // 8`` of the row); 2 N:M ranks computed from the ``nm_m`` weights
   of the element's group (no mask tensor).
-* ``QUANT`` (constexpr): 0 none; 1 fake quantization, integer
+* ``QUANT``: 0 none; 1 fake quantization, integer
   ``s * clamp(rne(W1 / s'), qmin, qmax)`` or, with the runtime flag ``binary``,
   ``s * sign(W1)``. The scale of element (r, c) is ``scale_ptr[r * scale_row_stride + c //
   group_size]`` (per tensor: row stride 0; per channel: row stride 1); the runtime flag
@@ -24,10 +24,12 @@ changing beta or the threshold never recompiles nor syncs):
   can be read from registers with ``tl.gather`` when the runtime flag ``nm_in_tile`` says
   groups are whole inside tiles; -1 (or ``nm_in_tile=0``): read back from memory.
 
-Which variants are constexprs and which are runtime flags is a trade: constexprs give the
-leanest code per mode; the cheap, uniform choices (threshold vs stored bits, integer vs
-binary, per-group scales, N:M from registers or memory) are runtime flags, so that fewer
-variants must be compiled (the GPU JIT and the ahead-of-time check alike).
+Which choices are constexprs and which are runtime flags is a trade: constexprs give the
+leanest code per mode, where it matters (``PRUNE`` / ``QUANT`` in the GEMM K loops); the
+cheap, uniform choices (threshold vs stored bits, integer vs binary, per-group scales, N:M
+from registers or memory, and the whole transform in the elementwise kernels and the dW
+epilogue, which run once per element) are runtime values, so that fewer variants must be
+compiled (the GPU JIT and the ahead-of-time check alike).
 
 The math, in fp32 as the torch backend: ``W1 = where(M, W, beta_p W)``,
 ``W_eff = beta_q W1 + (1 - beta_q) Q(W1)``; exact-gradient coefficient
@@ -49,16 +51,18 @@ QUANT_NONE, QUANT_ON = 0, 1
 
 @triton.jit
 def load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
-                   rows, rows_ok, wr, wc, valid, PRUNE: tl.constexpr, QUANT: tl.constexpr):
+                   rows, rows_ok, wr, wc, valid, PRUNE, QUANT):
     """(threshold, scale) for a tile, as small broadcastable loads where the state is per row or per layer.
 
     ``rows`` / ``rows_ok`` are the W-row indices in broadcastable form ([1, B] or [B, 1]); only
     per-group scales (runtime flag ``scale_grouped``) need a full-tile gather.
     """
     rows64 = rows.to(tl.int64)
-    t = 0.0
+    # Every branch yields the same type, so PRUNE / QUANT may be constexprs or runtime values.
     if PRUNE == 1:
         t = tl.load(thr_ptr + rows64 * thr_stride, mask=rows_ok, other=0.0)
+    else:
+        t = tl.zeros(rows.shape, tl.float32)
     if QUANT != 0:
         # (a runtime branch: both sides must give the same type, hence the broadcast)
         if scale_grouped != 0:
@@ -66,13 +70,13 @@ def load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
         else:
             s = tl.broadcast_to(tl.load(scale_ptr + rows64 * scale_row_stride, mask=rows_ok, other=1.0), wr.shape)
     else:
-        s = 1.0
+        s = tl.full(wr.shape, 1.0, tl.float32)
     return t, s
 
 
 @triton.jit
 def keep_tile(a, t, wr, wc, valid, w_ptr, stride_wr, stride_wc, mask_ptr, mask_stride, stored_mask, nm_n, nm_m,
-              nm_in_tile, PRUNE: tl.constexpr, NM_AXIS: tl.constexpr):
+              nm_in_tile, PRUNE, NM_AXIS: tl.constexpr):
     """Keep-mask M of the prune stage for a tile of |W| (``a``, fp32; ``t`` the threshold)."""
     if PRUNE == 1:
         if stored_mask != 0:
@@ -118,10 +122,12 @@ def quant_codes(w1, s, binary):
 @triton.jit
 def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr, mask_ptr, mask_stride,
                    stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
-                   PRUNE: tl.constexpr, QUANT: tl.constexpr, COEF: tl.constexpr, NM_AXIS: tl.constexpr):
+                   PRUNE, QUANT, COEF: tl.constexpr, NM_AXIS: tl.constexpr):
     """W_eff of the tile (``COEF=False``) or the exact-gradient coefficient dW_eff/dW (``COEF=True``), fp32.
 
-    ``t`` / ``s``: threshold and scale from :func:`load_row_state`.
+    ``t`` / ``s``: threshold and scale from :func:`load_row_state`. ``PRUNE`` / ``QUANT`` are
+    constexprs in the GEMM main loops (one lean variant per mode) and runtime values in the
+    elementwise kernels and the dW epilogue (one variant for all modes; the branches are uniform).
     """
     w1 = w
     coef = tl.full(w.shape, 1.0, tl.float32)

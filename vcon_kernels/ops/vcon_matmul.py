@@ -81,7 +81,7 @@ def _vcon_matmul_kernel(
     stride_a2m, stride_a2r, stride_b2r, stride_b2n,
     w_ptr, stride_wr, stride_wc, beta_ptr, thr_ptr, thr_stride, mask_ptr, mask_stride, stored_mask,
     nm_n, nm_m, nm_in_tile, scale_ptr, scale_row_stride, group_size, scale_grouped, binary, qmin, qmax,
-    has_bias, do_rowsum, scale_mode, M_KEY, N_KEY, K_KEY,
+    prune_kind, quant_on, has_bias, do_rowsum, scale_mode, M_KEY, N_KEY, K_KEY,
     PRUNE: tl.constexpr, QUANT: tl.constexpr, B_IS_W: tl.constexpr, EXACT_COEF: tl.constexpr,
     LOWRANK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -168,11 +168,12 @@ def _vcon_matmul_kernel(
         wc = tl.broadcast_to(offs_n[None, :], (BLOCK_M, BLOCK_N))
         valid = m_ok[:, None] & n_ok[None, :]
         w = tl.load(w_ptr + wr.to(tl.int64) * stride_wr + wc * stride_wc, mask=valid, other=0.0).to(tl.float32)
+        # once per output tile: the mode is a runtime value (one variant for every mode)
         t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
-                              offs_m[:, None], m_ok[:, None], wr, wc, valid, PRUNE, QUANT)
+                              offs_m[:, None], m_ok[:, None], wr, wc, valid, prune_kind, quant_on)
         acc = acc * transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr, mask_ptr,
                                    mask_stride, stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
-                                   PRUNE, QUANT, True, 1)
+                                   prune_kind, quant_on, True, 1)
     if has_bias != 0:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
@@ -181,10 +182,16 @@ def _vcon_matmul_kernel(
         tl.store(rowsum_ptr + offs_m, cast_to(row_sum, rowsum_ptr.dtype.element_ty, UPCAST), mask=m_ok)
 
 
-_KEYS = ["M_KEY", "N_KEY", "K_KEY", "PRUNE", "QUANT", "B_IS_W", "EXACT_COEF", "LOWRANK", "has_bias", "do_rowsum",
-         "scale_grouped", "nm_in_tile", "INPUT_PRECISION"]
+_KEYS = ["M_KEY", "N_KEY", "K_KEY", "PRUNE", "QUANT", "B_IS_W", "EXACT_COEF", "LOWRANK", "prune_kind", "quant_on",
+         "has_bias", "do_rowsum", "scale_grouped", "nm_in_tile", "INPUT_PRECISION"]
+def _tune_bench(kernel_call, quantiles):
+    """Shorter than Triton's default (25 ms warm-up + 100 ms per config): tuning runs once per key."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 _vcon_matmul_tuned = triton.autotune(
     configs=[_as_config(c) for c in GPU_CONFIGS], key=_KEYS, prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=_tune_bench,
 )(_vcon_matmul_kernel)
 
 
@@ -215,7 +222,7 @@ def _no_transform_args(device) -> dict:
     d = dummy(device)
     return dict(w_ptr=d, stride_wr=0, stride_wc=0, thr_ptr=d, thr_stride=0, mask_ptr=d, mask_stride=0,
                 stored_mask=0, nm_n=0, nm_m=1, scale_ptr=d, scale_row_stride=0, group_size=1, scale_grouped=0,
-                binary=0, qmin=0.0, qmax=0.0, PRUNE=0, QUANT=0)
+                binary=0, qmin=0.0, qmax=0.0, prune_kind=0, quant_on=0, PRUNE=0, QUANT=0)
 
 
 def vcon_matmul(
@@ -250,8 +257,10 @@ def vcon_matmul(
     if beta is None:
         beta = state.beta if state is not None else d
     args["beta_ptr"] = beta
-    if b_is_w == B_PLAIN and epilogue != EPI_EXACT_COEF:
+    if b_is_w == B_PLAIN:  # the main loop transforms nothing; the exact epilogue branches at run time
         args.update(PRUNE=0, QUANT=0)
+        if epilogue != EPI_EXACT_COEF:
+            args.update(prune_kind=0, quant_on=0)
     a2, b2 = lowrank if lowrank is not None else (d.view(1, 1), d.view(1, 1))
     r = a2.shape[1] if lowrank is not None else 0
     tokens = m if tokens is None else tokens
@@ -267,7 +276,7 @@ def vcon_matmul(
         B_IS_W=b_is_w, EXACT_COEF=epilogue == EPI_EXACT_COEF, LOWRANK=lowrank is not None,
         scale_mode={EPI_BETA: 1, EPI_ONE_MINUS_BETA: 2}.get(epilogue, 0), has_bias=int(bias is not None),
         do_rowsum=int(rowsum is not None), INPUT_PRECISION=input_precision(a.dtype), UPCAST=UPCAST,
-        nm_in_tile=int(args["PRUNE"] == 2 and nm_in_tile(args["nm_m"], min_tile())),
+        nm_in_tile=int(args["prune_kind"] == 2 and nm_in_tile(args["nm_m"], min_tile())),
     )
     if AUTOTUNE:
         def grid(meta):

@@ -43,6 +43,9 @@ class WeightState:
 
         ws = WeightState(w, beta, threshold, scales, mask, spec)
         kernel[grid](..., **ws.kernel_args())
+
+    ``PRUNE`` / ``QUANT`` (constexprs of the GEMM main loops) and ``prune_kind`` / ``quant_on``
+    (the same values as runtime arguments, for the kernels that branch at run time).
     """
 
     weight: torch.Tensor
@@ -77,6 +80,7 @@ class WeightState:
             nm_m=spec.nm_m if spec.prune == PRUNE_NM else 1,
             scale_ptr=scales, scale_row_stride=scale_row_stride, group_size=group_size,
             binary=int(spec.bits == 1), qmin=float(spec.qmin), qmax=float(spec.qmax),
+            prune_kind=prune_kind(spec), quant_on=QUANT_ON if spec.has_quant else QUANT_NONE,
             PRUNE=prune_kind(spec), QUANT=QUANT_ON if spec.has_quant else QUANT_NONE,
             scale_grouped=int(spec.has_quant and spec.group_size not in (0, cols)),
         )
