@@ -53,14 +53,12 @@ def layer_tensors(layer):
 
 @contextlib.contextmanager
 def matmul_tiles(block_m: int, block_n: int, block_k: int):
-    """Shrink the interpreted GEMM tiles so that small shapes span several tiles in every dimension."""
-    saved = dict(ops.vcon_matmul.INTERPRET_CONFIG)
-    ops.vcon_matmul.INTERPRET_CONFIG.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    """Shrink the GEMM tiles (without autotuning) so that small shapes span several tiles in every dimension."""
+    ops.vcon_matmul.TILE_OVERRIDE.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     try:
         yield
     finally:
-        ops.vcon_matmul.INTERPRET_CONFIG.clear()
-        ops.vcon_matmul.INTERPRET_CONFIG.update(saved)
+        ops.vcon_matmul.TILE_OVERRIDE.clear()
 
 
 def assert_close(actual, expected, dtype, what=""):

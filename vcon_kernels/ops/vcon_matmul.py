@@ -58,6 +58,8 @@ GPU_CONFIGS = [
 # program and K step); tests shrink INTERPRET_CONFIG to cover several tiles per dimension.
 DEFAULT_GPU_CONFIG = (64, 128, 64, 4, 3)
 INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+# Tile sizes forced on top of those (tests: several tiles per dimension on small shapes).
+TILE_OVERRIDE: dict = {}
 
 
 def _as_config(row):
@@ -211,11 +213,12 @@ def nm_in_tile(m: int, tile: int) -> bool:
 def current_config(dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile sizes used without autotuning (interpreter, or VCON_TRITON_AUTOTUNE=0)."""
     if INTERPRET:
-        return dict(INTERPRET_CONFIG)
+        return dict(INTERPRET_CONFIG, **TILE_OVERRIDE)
     bm, bn, bk, warps, stages = DEFAULT_GPU_CONFIG
     if dtype == torch.float32:  # 4-byte tiles: halve BLOCK_K to stay inside an A100's shared memory
         bk //= 2
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return dict(cfg, **TILE_OVERRIDE)
 
 
 def _no_transform_args(device) -> dict:
