@@ -57,7 +57,8 @@ def as_beta(beta: Union[float, Tensor], num_stages: int, device) -> Tensor:
     """beta as the fp32 (num_stages,) tensor the ops take; a float applies to every stage."""
     if isinstance(beta, Tensor):
         if beta.numel() not in (1, num_stages):
-            raise ValueError(f"beta must have 1 or {num_stages} entries, got shape {tuple(beta.shape)}")
+            expected = "1 entry" if num_stages == 1 else f"1 or {num_stages} entries (one per stage)"
+            raise ValueError(f"beta must have {expected}, got shape {tuple(beta.shape)}")
         beta = beta.to(device=device, dtype=torch.float32).reshape(-1)
         return beta.expand(num_stages).contiguous() if beta.numel() != num_stages else beta
     value = check_beta_value(beta)
@@ -87,6 +88,18 @@ def check_inputs(
         raise ValueError(
             f"{name}: input's {what} dimension must be {in_features} (the layer's input features), "
             f"got shape {tuple(x.shape)}"
+        )
+
+
+def check_params(weight: Tensor, bias: Optional[Tensor], ndim: int, name: str) -> None:
+    """Clear errors for a weight or bias of the wrong rank, shape or dtype (functional API)."""
+    if not isinstance(weight, Tensor) or weight.dim() != ndim or not weight.is_floating_point():
+        got = f"{tuple(weight.shape)} {weight.dtype}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"{name}: weight must be a {ndim}-D floating-point tensor, got {got}")
+    if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != weight.dtype):
+        raise ValueError(
+            f"{name}: bias must have shape ({weight.shape[0]},) and the weight dtype {weight.dtype}, "
+            f"got {tuple(bias.shape)} {bias.dtype}"
         )
 
 
@@ -128,6 +141,7 @@ def vcon_linear(
     state: Optional[VCONState] = None,
 ) -> Tensor:
     """The blended linear layer (see module docstring). ``x``: (..., K), ``weight``: (N, K)."""
+    check_params(weight, bias, 2, "vcon_linear")
     check_inputs(x, weight, weight.shape[1])
     spec, beta_t, threshold, scales, state = _prepare(weight.shape, weight, beta, config, state)
     _check_lowrank(spec, state, "vcon_linear")
@@ -155,6 +169,7 @@ def vcon_conv2d(
     """
     if x.dim() != 4:
         raise ValueError(f"vcon_conv2d: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    check_params(weight, bias, 4, "vcon_conv2d")
     check_inputs(x, weight, weight.shape[1] * groups, "vcon_conv2d", dim=1, what="channel")
     rows = weight.shape[0]
     spec, beta_t, threshold, scales, state = _prepare((rows, weight[0].numel()), weight, beta, config, state)

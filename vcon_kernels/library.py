@@ -40,8 +40,23 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _or_empty(t, like):
-    return _empty(like) if t is None else t
+def _or_empty(t, like, fmt=torch.contiguous_format):
+    return _empty(like) if t is None else t.contiguous(memory_format=fmt)
+
+
+# Layout contract of every op output. torch.compile (inductor) asserts that real outputs have the
+# strides of the fake ones, so both follow one rule instead of whatever the backend happened to
+# produce (a transposed mm result, a channels-last conv, a non-contiguous parameter's layout):
+# outputs are contiguous, except activations shaped like a 4-D channels-last input, which are
+# channels-last (as convolutions produce them).
+def _format_of(x: Tensor):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _new(shape, like: Tensor, fmt=torch.contiguous_format) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
 # -- compute_state -----------------------------------------------------------------------------
@@ -69,12 +84,12 @@ def _(weight, beta, mask, *spec_args):
 def blend_weight(weight, beta, threshold, scales, mask, *spec_args):
     backend = backends.select(weight.device.type)
     out = backend.blend_weight(weight, beta, threshold, scales, mask, TransformSpec(*spec_args))
-    return out.clone() if out is weight else out
+    return out.clone() if out is weight else out.contiguous()
 
 
 @blend_weight.register_fake
 def _(weight, beta, threshold, scales, mask, *spec_args):
-    return torch.empty_like(weight)
+    return _new(weight.shape, weight)
 
 
 @custom_op(
@@ -85,12 +100,12 @@ def _(weight, beta, threshold, scales, mask, *spec_args):
 def weight_grad(grad, weight, beta, threshold, scales, mask, *spec_args):
     backend = backends.select(weight.device.type)
     out = backend.weight_grad(grad, weight, beta, threshold, scales, mask, TransformSpec(*spec_args))
-    return out.clone() if out is grad else out
+    return out.clone() if out is grad else out.contiguous()
 
 
 @weight_grad.register_fake
 def _(grad, weight, beta, threshold, scales, mask, *spec_args):
-    return torch.empty_like(grad)
+    return _new(grad.shape, grad)
 
 
 def _blend_setup(ctx, inputs, output):
@@ -120,7 +135,10 @@ def linear(x, weight, bias, beta, threshold, scales, mask, u, v, *spec_args):
     backend = backends.select(weight.device.type)
     x2 = x.reshape(-1, x.shape[-1])
     y = backend.linear_forward(x2, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    # Not a view (a reshape would be one): autograd forbids in-place ops on a view made inside a
+    # custom Function (nn.ReLU(inplace=True), `y += residual` after the layer), and FSDP2 drops its
+    # pre-backward hook on one. _unsafe_view is how aten.matmul returns N-D results for this reason.
+    return torch.ops.aten._unsafe_view(y.contiguous(), (*x.shape[:-1], weight.shape[0]))
 
 
 @linear.register_fake
@@ -141,8 +159,8 @@ def linear_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u,
     dx, dw, db, du, dv = backend.linear_backward(
         g2, x2, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args), tuple(needs)
     )
-    dx = _empty(x) if dx is None else dx.reshape(x.shape)
-    return dx, _or_empty(dw, weight), _or_empty(db, weight), _or_empty(du, weight), _or_empty(dv, weight)
+    dx = None if dx is None else dx.reshape(x.shape)
+    return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight), _or_empty(du, weight), _or_empty(dv, weight)
 
 
 @linear_backward.register_fake
@@ -150,13 +168,13 @@ def _(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
     return _fake_grads(x, weight, bias, u, v, rest[-1])
 
 
-def _fake_grads(x, weight, bias, u, v, needs):
+def _fake_grads(x, weight, bias, u, v, needs, x_format=torch.contiguous_format):
     need_x, need_w, need_b, need_lr = needs
-    dx = torch.empty_like(x) if need_x else _empty(x)
-    dw = torch.empty_like(weight) if need_w else _empty(weight)
-    db = torch.empty_like(bias) if (need_b and bias is not None) else _empty(weight)
-    du = torch.empty_like(u) if (need_lr and u is not None) else _empty(weight)
-    dv = torch.empty_like(v) if (need_lr and v is not None) else _empty(weight)
+    dx = _new(x.shape, x, x_format) if need_x else _empty(x)
+    dw = _new(weight.shape, weight) if need_w else _empty(weight)
+    db = _new(bias.shape, bias) if (need_b and bias is not None) else _empty(weight)
+    du = _new(u.shape, u) if (need_lr and u is not None) else _empty(weight)
+    dv = _new(v.shape, v) if (need_lr and v is not None) else _empty(weight)
     return dx, dw, db, du, dv
 
 
@@ -209,9 +227,10 @@ def _split_conv(rest):
 def conv2d(x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
     conv_args, spec_args = _split_conv(rest)
     backend = backends.select(weight.device.type)
-    return backend.conv2d_forward(
+    y = backend.conv2d_forward(
         x, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args), conv_args
     )
+    return y.contiguous(memory_format=_format_of(x))
 
 
 @conv2d.register_fake
@@ -221,7 +240,7 @@ def _(x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
     kh, kw = weight.shape[-2:]
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty(n, weight.shape[0], oh, ow)
+    return _new((n, weight.shape[0], oh, ow), x, _format_of(x))
 
 
 @custom_op(
@@ -237,12 +256,13 @@ def conv2d_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u,
     dx, dw, db, du, dv = backend.conv2d_backward(
         grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, tuple(needs)
     )
-    return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight), _or_empty(du, weight), _or_empty(dv, weight)
+    dx = _or_empty(dx, x, _format_of(x))
+    return dx, _or_empty(dw, weight), _or_empty(db, weight), _or_empty(du, weight), _or_empty(dv, weight)
 
 
 @conv2d_backward.register_fake
 def _(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
-    return _fake_grads(x, weight, bias, u, v, rest[-1])
+    return _fake_grads(x, weight, bias, u, v, rest[-1], _format_of(x))
 
 
 def _conv_setup(ctx, inputs, output):

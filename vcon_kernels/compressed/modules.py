@@ -41,9 +41,12 @@ class CompressedLinear(nn.Module):
 
     def _int8pack_ok(self, x: torch.Tensor) -> bool:
         st = self.storage
+        # _weight_int8pack_mm has no derivative: inputs that need a gradient (a trainable layer
+        # before this one) take the F.linear path.
         return (
             isinstance(st, QuantizedWeight) and st.bits == 8 and st.group_size == self.in_features
             and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES and st.dtype == x.dtype
+            and not (x.requires_grad and torch.is_grad_enabled())
         )
 
     def forward(self, x):

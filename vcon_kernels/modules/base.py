@@ -31,6 +31,11 @@ from ..functional import check_beta_value
 from ..functional import layer_state
 from ..packing import pack_mask
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = None
+
 
 def check_config(config) -> VCONConfig:
     if not isinstance(config, VCONConfig):
@@ -41,7 +46,22 @@ def check_config(config) -> VCONConfig:
     return config
 
 
+def _unsharded(weight: torch.Tensor) -> torch.Tensor:
+    """The full weight, also outside forward under FSDP2, where parameters are sharded DTensors.
+
+    Gathering is a collective: every rank calls it, as every rank steps the scheduler.
+    """
+    if DTensor is not None and isinstance(weight, DTensor):
+        return weight.full_tensor()
+    return weight
+
+
 def check_finite(weight: torch.Tensor, where: str) -> None:
+    if weight.is_meta:
+        raise ValueError(
+            f"{where}: weight is on the meta device (not materialized); masks, scales and low-rank factors "
+            "are derived from the weights, so convert after the weights are loaded"
+        )
     if not torch.isfinite(weight).all():
         raise ValueError(f"{where}: weight has NaN or Inf entries; VCON cannot derive masks/scales from it")
 
@@ -114,7 +134,7 @@ class VCONLayerBase(nn.Module):
     @torch.no_grad()
     def _current_mask(self) -> torch.Tensor:
         """Bit-packed keep-mask derived from the current weights (the config's rule)."""
-        w2d = self.weight_2d()
+        w2d = _unsharded(self.weight).reshape(self.weight.shape[0], -1)
         rows, cols = w2d.shape
         spec = self.config.spec(rows, cols, stored_mask=False)
         threshold, _ = layer_state(w2d, self.beta, spec, None)
@@ -138,8 +158,9 @@ class VCONLayerBase(nn.Module):
         u, s, vh = torch.linalg.svd(w2d.detach().to(torch.float64), full_matrices=False)
         root = s[:rank].sqrt()
         u_shape, v_shape = self._lowrank_shapes(rank)
-        factor_u = (u[:, :rank] * root).reshape(u_shape).to(self.weight.dtype)
-        factor_v = (root[:, None] * vh[:rank]).reshape(v_shape).to(self.weight.dtype)
+        # Contiguous: LAPACK returns column-major factors, and FSDP2 cannot shard such parameters.
+        factor_u = (u[:, :rank] * root).reshape(u_shape).to(self.weight.dtype).contiguous()
+        factor_v = (root[:, None] * vh[:rank]).reshape(v_shape).to(self.weight.dtype).contiguous()
         self.lowrank_u = nn.Parameter(factor_u, requires_grad=self.weight.requires_grad)
         self.lowrank_v = nn.Parameter(factor_v, requires_grad=self.weight.requires_grad)
 
