@@ -137,7 +137,7 @@ def bench_memory(rows, m, k, depth, dtype):
         model = nn.Sequential(*layers)
         if config is not None:
             vk.convert(model, config)
-            for layer in vk.vcon_layers(model):
+            for _, layer in vk.vcon_layers(model):
                 layer.set_beta(0.5)
         return model
 

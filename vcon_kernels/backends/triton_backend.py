@@ -129,6 +129,5 @@ class TritonBackend(TorchBackend):
             return ("triton: conv2d: W_eff by one elementwise Triton kernel, then the cuDNN convolution "
                     "(exact-mode dW: elementwise Triton epilogue)")
         m = math.prod(x_shape[:-1]) if len(x_shape) > 1 else 1
-        dtype = torch.bfloat16  # the choice depends on fp32 vs half precision only
-        strategy = self._ops.dispatch.choose(m, spec, dtype)
+        strategy = self._ops.dispatch.choose(m, spec, torch.bfloat16)  # the choice does not depend on dtype
         return self._ops.dispatch.describe(strategy, m, rows, cols, spec)

@@ -32,7 +32,7 @@ from ..spec import TransformSpec
 
 STRATEGIES = ("fused", "weff")
 # Largest M (rows of x) that runs fused, per class of spec. Not yet measured on a GPU.
-FUSED_MAX_M = {"transform": 1024, "lowrank": 1024, "fp32": 256}
+FUSED_MAX_M = {"transform": 1024, "lowrank": 1024}
 _local = threading.local()
 
 
@@ -62,8 +62,7 @@ def forced():
 
 
 def spec_class(spec: TransformSpec, dtype: torch.dtype) -> str:
-    if dtype == torch.float32:
-        return "fp32"  # cuBLAS fp32 beats a Triton fp32 GEMM sooner
+    """The row of FUSED_MAX_M (``dtype`` is kept for a measured per-dtype split)."""
     return "lowrank" if spec.lowrank else "transform"
 
 
