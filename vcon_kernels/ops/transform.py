@@ -1,0 +1,157 @@
+"""In-register weight transforms: the blended weight of ``spec.py`` computed on one tile.
+
+Every kernel that touches the weight (the fused GEMMs, the W_eff builder, the exact
+gradient epilogue, the scale reduction) calls these helpers on a tile ``w`` (fp32) of the
+(N, K) weight, with ``wr`` / ``wc`` the row and column index of every element (full tile
+shape) and ``valid`` the in-bounds mask. The tile can be oriented either way (W^T tiles
+in the forward GEMM, W tiles in the input-gradient GEMM): only the indices matter.
+
+Transform state, passed flat (``*_ptr`` are device pointers, never host values, so
+changing beta or the threshold never recompiles nor syncs):
+
+* ``beta_ptr``: fp32 ``[beta_p, beta_q]`` (prune + quantize) or ``[beta]``.
+* ``PRUNE``: 0 none; 1 an elementwise keep-mask, either the threshold
+  ``|W| >= thr[row * thr_stride]`` (``thr_stride`` 0 per layer, 1 per row) or, when the
+  runtime flag ``stored_mask`` is set, a stored bit-packed mask (``packing.py`` layout: bit
+  ``k % 8`` of byte ``k // 8`` of the row); 2 N:M ranks computed from the ``nm_m`` weights
+  of the element's group (no mask tensor).
+* ``QUANT``: 0 none; 1 fake quantization, integer
+  ``s * clamp(rne(W1 / s'), qmin, qmax)`` or, with the runtime flag ``binary``,
+  ``s * sign(W1)``. The scale of element (r, c) is ``scale_ptr[r * scale_row_stride + c //
+  group_size]`` (per tensor: row stride 0; per channel: row stride 1); the runtime flag
+  ``scale_grouped`` marks per-group scales, the one case that needs a full-tile gather.
+* ``NM_AXIS`` (constexpr): the tile axis that runs along W's columns, where N:M group mates
+  can be read from registers with ``tl.gather`` when the runtime flag ``nm_in_tile`` says
+  groups are whole inside tiles; -1 (or ``nm_in_tile=0``): read back from memory.
+
+Which choices are constexprs and which are runtime flags is a trade: constexprs give the
+leanest code per mode, where it matters (``PRUNE`` / ``QUANT`` in the GEMM K loops); the
+cheap, uniform choices (threshold vs stored bits, integer vs binary, per-group scales, N:M
+from registers or memory, and the whole transform in the elementwise kernels and the dW
+epilogue, which run once per element) are runtime values, so that fewer variants must be
+compiled (the GPU JIT and the ahead-of-time check alike).
+
+The math, in fp32 as the torch backend: ``W1 = where(M, W, beta_p W)``,
+``W_eff = beta_q W1 + (1 - beta_q) Q(W1)``; exact-gradient coefficient
+``where(M, 1, beta_p) * (beta_q + (1 - beta_q) R)`` with ``R = qmin <= rne(W1 / s') <= qmax``.
+The division is IEEE round-to-nearest (``tl.math.div_rn``), as in torch, so the rounding
+decisions are the same as the torch backend's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .utils import round_half_even
+
+PRUNE_NONE, PRUNE_ELEMENTWISE, PRUNE_NM_RANKS = 0, 1, 2
+QUANT_NONE, QUANT_ON = 0, 1
+
+
+@triton.jit
+def load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
+                   rows, rows_ok, wr, wc, valid, PRUNE, QUANT):
+    """(threshold, scale) for a tile, as small broadcastable loads where the state is per row or per layer.
+
+    ``rows`` / ``rows_ok`` are the W-row indices in broadcastable form ([1, B] or [B, 1]); only
+    per-group scales (runtime flag ``scale_grouped``) need a full-tile gather.
+    """
+    rows64 = rows.to(tl.int64)
+    # Every branch yields the same type, so PRUNE / QUANT may be constexprs or runtime values.
+    if PRUNE == 1:
+        t = tl.load(thr_ptr + rows64 * thr_stride, mask=rows_ok, other=0.0)
+    else:
+        t = tl.zeros(rows.shape, tl.float32)
+    if QUANT != 0:
+        # (a runtime branch: both sides must give the same type, hence the broadcast)
+        if scale_grouped != 0:
+            s = tl.load(scale_ptr + wr.to(tl.int64) * scale_row_stride + wc // group_size, mask=valid, other=1.0)
+        else:
+            s = tl.broadcast_to(tl.load(scale_ptr + rows64 * scale_row_stride, mask=rows_ok, other=1.0), wr.shape)
+    else:
+        s = tl.full(wr.shape, 1.0, tl.float32)
+    return t, s
+
+
+@triton.jit
+def keep_tile(a, t, wr, wc, valid, w_ptr, stride_wr, stride_wc, mask_ptr, mask_stride, stored_mask, nm_n, nm_m,
+              nm_in_tile, PRUNE, NM_AXIS: tl.constexpr):
+    """Keep-mask M of the prune stage for a tile of |W| (``a``, fp32; ``t`` the threshold)."""
+    if PRUNE == 1:
+        if stored_mask != 0:
+            byte = tl.load(mask_ptr + wr.to(tl.int64) * mask_stride + wc // 8, mask=valid, other=0).to(tl.int32)
+            keep = ((byte >> (wc % 8)) & 1) != 0
+        else:
+            keep = a >= t
+    else:
+        # rank = #{j: |w_j| > |w_i|} + #{j < i: |w_j| == |w_i|} over the element's group of nm_m.
+        rank = tl.zeros_like(wc)
+        in_tile = False
+        if NM_AXIS >= 0:  # this kernel's tiles run along W's columns on axis NM_AXIS
+            in_tile = nm_in_tile != 0
+        if in_tile:
+            # Groups are whole inside the tile (nm_m, a power of two, divides the tile and tiles
+            # start at multiples of it): read the group mates from registers.
+            local = wc % a.shape[NM_AXIS]
+            first = local - wc % nm_m
+            for j in range(0, nm_m):
+                aj = tl.gather(a, first + j, axis=NM_AXIS)
+                rank += ((aj > a) | ((aj == a) & (first + j < local))).to(rank.dtype)
+        else:  # read them back from memory (L1/L2 hits on a GPU)
+            first = wc - wc % nm_m
+            row_ptr = w_ptr + wr.to(tl.int64) * stride_wr
+            for j in range(0, nm_m):
+                col = first + j
+                aj = tl.abs(tl.load(row_ptr + col.to(tl.int64) * stride_wc, mask=valid, other=0.0).to(tl.float32))
+                rank += ((aj > a) | ((aj == a) & (col < wc))).to(rank.dtype)
+        keep = rank < nm_n
+    return keep
+
+
+@triton.jit
+def quant_codes(w1, s, binary):
+    """Unclamped integer codes ``rne(W1 / s')`` (s' = s where s > 0, else 1), or sign(W1) for binary."""
+    if binary != 0:
+        codes = tl.where(w1 > 0, 1.0, tl.where(w1 < 0, -1.0, 0.0))
+    else:
+        codes = round_half_even(tl.math.div_rn(w1, tl.where(s > 0, s, 1.0)))
+    return codes
+
+
+@triton.jit
+def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr, mask_ptr, mask_stride,
+                   stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
+                   PRUNE, QUANT, COEF: tl.constexpr, NM_AXIS: tl.constexpr):
+    """W_eff of the tile (``COEF=False``) or the exact-gradient coefficient dW_eff/dW (``COEF=True``), fp32.
+
+    ``t`` / ``s``: threshold and scale from :func:`load_row_state`. ``PRUNE`` / ``QUANT`` are
+    constexprs in the GEMM main loops (one lean variant per mode) and runtime values in the
+    elementwise kernels and the dW epilogue (one variant for all modes; the branches are uniform).
+    """
+    w1 = w
+    coef = tl.full(w.shape, 1.0, tl.float32)
+    if PRUNE != 0:
+        bp = tl.load(beta_ptr)
+        keep = keep_tile(tl.abs(w), t, wr, wc, valid, w_ptr, stride_wr, stride_wc, mask_ptr, mask_stride,
+                         stored_mask, nm_n, nm_m, nm_in_tile, PRUNE, NM_AXIS)
+        w1 = tl.where(keep, w, bp * w)
+        if COEF:
+            coef = tl.where(keep, 1.0, bp)
+    if QUANT != 0:
+        if PRUNE != 0:
+            bq = tl.load(beta_ptr + 1)
+        else:
+            bq = tl.load(beta_ptr)
+        codes = quant_codes(w1, s, binary)
+        if COEF:
+            if binary == 0:  # binary passes the gradient straight through: no factor at all
+                in_range = ((codes >= qmin) & (codes <= qmax)).to(tl.float32)
+                coef = coef * (bq + (1 - bq) * in_range)
+        else:
+            if binary == 0:
+                codes = tl.minimum(tl.maximum(codes, qmin), qmax)
+            w1 = bq * w1 + (1 - bq) * (codes * s)
+    if COEF:
+        return coef
+    return w1

@@ -1,0 +1,293 @@
+"""The one tiled GEMM behind every VCON linear: optional in-register W transform, low-rank fold, epilogues.
+
+``out = epilogue(A @ B [* beta + A2 @ B2]) + bias`` over an (M, N) output tile grid, with
+fp32 accumulation. What makes it a VCON kernel:
+
+* ``B_IS_W`` (prologue): B is the layer weight, as ``W^T`` (``1``, the forward
+  ``y = x W_eff^T``) or ``W`` (``2``, the input gradient ``dX = dY W_eff``). Each B tile
+  is loaded once per K step and turned into its W_eff tile in registers (threshold /
+  N:M / stored mask, fake quant, prune-then-quant; ``transform.py``) right before
+  ``tl.dot``; W_eff never exists in memory.
+* ``LOWRANK``: after the main K loop the accumulator is scaled by beta and a second,
+  thin reduction ``A2 @ B2`` (A2 = ``(1 - beta) x V^T`` and B2 = ``U^T`` in the forward;
+  A2 = ``(1 - beta) dY U`` and B2 = ``V`` for dX) is added into the same tile: the
+  ``[x | t] . [beta W | (1 - beta) U]^T`` identity with one output write.
+* epilogue: scale by beta or by ``1 - beta`` (thin low-rank GEMMs; a runtime flag), or
+  (``EXACT_COEF``) by the exact-gradient coefficient of W at (row, col) of the output
+  (``dW = G * coef``).
+* ``do_rowsum``: also writes the row sums of A (the bias gradient ``db = sum_m dY`` when A is
+  ``dY^T`` in the weight-gradient GEMM), from the tiles already in registers.
+
+Example usage::
+
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    vcon_matmul(x, weight.t(), out, state=WeightState(weight, beta, thr, scales, mask, spec), b_is_w=1)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .transform import load_row_state
+from .transform import transform_tile
+from .utils import AUTOTUNE
+from .utils import INTERPRET
+from .utils import UPCAST
+from .utils import as_operand
+from .utils import bucket
+from .utils import cast_to
+from .utils import input_precision
+from .utils import launch
+from .weight_state import WeightState
+from .weight_state import dummy
+
+B_PLAIN, B_IS_WT, B_IS_W = 0, 1, 2
+EPI_NONE, EPI_BETA, EPI_ONE_MINUS_BETA, EPI_EXACT_COEF = 0, 1, 2, 3
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Largest first: the fused path runs for
+# small and medium M (decode, fine-tuning micro-batches), the last two rows are for M <= 32.
+GPU_CONFIGS = [
+    (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4), (16, 128, 64, 4, 4),
+]
+# One config without autotuning. Under the interpreter big tiles are cheapest (its cost is per
+# program and K step); tests shrink INTERPRET_CONFIG to cover several tiles per dimension.
+DEFAULT_GPU_CONFIG = (64, 128, 64, 4, 3)
+INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+# Tile sizes forced on top of those (tests: several tiles per dimension on small shapes).
+TILE_OVERRIDE: dict = {}
+
+
+def _as_config(row):
+    bm, bn, bk, warps, stages = row
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles much taller than the bucketed M (they would only compute padding)."""
+    m = named_args["M_KEY"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(2 * m, 16)]
+    return kept or configs[-1:]
+
+
+@triton.jit(do_not_specialize=["M_KEY", "N_KEY", "K_KEY"])
+def _vcon_matmul_kernel(
+    a_ptr, b_ptr, out_ptr, bias_ptr, a2_ptr, b2_ptr, rowsum_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on,
+    stride_a2m, stride_a2r, stride_b2r, stride_b2n,
+    w_ptr, stride_wr, stride_wc, beta_ptr, thr_ptr, thr_stride, mask_ptr, mask_stride, stored_mask,
+    nm_n, nm_m, nm_in_tile, scale_ptr, scale_row_stride, group_size, scale_grouped, binary, qmin, qmax,
+    prune_kind, quant_on, has_bias, do_rowsum, scale_mode, M_KEY, N_KEY, K_KEY,
+    PRUNE: tl.constexpr, QUANT: tl.constexpr, B_IS_W: tl.constexpr, EXACT_COEF: tl.constexpr,
+    LOWRANK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row-tiles share their B tiles while they are in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    TRANSFORM: tl.constexpr = (B_IS_W != 0) and (PRUNE != 0 or QUANT != 0)
+    # The tile axis that runs along W's columns (N:M group mates can come from registers).
+    NM_AXIS_B: tl.constexpr = 0 if B_IS_W == 1 else 1
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # Bias, row sums and scalar epilogues are runtime flags (uniform branches), not constexprs:
+    # fewer variants to compile.
+    rowsum_here = (do_rowsum != 0) & (pid_n == 0)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if rowsum_here:
+            row_sum += tl.sum(a.to(tl.float32), axis=1)
+        if TRANSFORM:
+            valid = k_ok[:, None] & n_ok[None, :]
+            if B_IS_W == 1:  # b[k, n] = W[n, k]: W rows run along the tile's axis 1
+                wr = tl.broadcast_to(offs_n[None, :], (BLOCK_K, BLOCK_N))
+                wc = tl.broadcast_to(kk[:, None], (BLOCK_K, BLOCK_N))
+                t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
+                                      offs_n[None, :], n_ok[None, :], wr, wc, valid, PRUNE, QUANT)
+            else:  # b[k, n] = W[k, n]
+                wr = tl.broadcast_to(kk[:, None], (BLOCK_K, BLOCK_N))
+                wc = tl.broadcast_to(offs_n[None, :], (BLOCK_K, BLOCK_N))
+                t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
+                                      kk[:, None], k_ok[:, None], wr, wc, valid, PRUNE, QUANT)
+            w_eff = transform_tile(b.to(tl.float32), t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr,
+                                   mask_ptr, mask_stride, stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
+                                   PRUNE, QUANT, False, NM_AXIS_B)
+            b = as_operand(w_eff, b_ptr.dtype.element_ty, UPCAST)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if LOWRANK:
+        # y = beta (x W^T) + ((1 - beta) t) U^T: the second reduction lands in the same tile.
+        acc = acc * tl.load(beta_ptr)
+        a2_ptrs = a2_ptr + offs_m[:, None].to(tl.int64) * stride_a2m + offs_k[None, :] * stride_a2r
+        b2_ptrs = b2_ptr + offs_k[:, None] * stride_b2r + offs_n[None, :].to(tl.int64) * stride_b2n
+        for r0 in range(0, R, BLOCK_K):
+            r_ok = (r0 + offs_k) < R
+            a2 = tl.load(a2_ptrs, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            b2 = tl.load(b2_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a2 = a2.to(tl.float32)
+                b2 = b2.to(tl.float32)
+            acc = tl.dot(a2, b2, acc, input_precision=INPUT_PRECISION)
+            a2_ptrs += BLOCK_K * stride_a2r
+            b2_ptrs += BLOCK_K * stride_b2r
+
+    if scale_mode == 1:
+        acc = acc * tl.load(beta_ptr)
+    elif scale_mode == 2:
+        acc = acc * (1 - tl.load(beta_ptr))
+    if EXACT_COEF:
+        # dW = G * dW_eff/dW: output (row, col) is W's (row, col).
+        wr = tl.broadcast_to(offs_m[:, None], (BLOCK_M, BLOCK_N))
+        wc = tl.broadcast_to(offs_n[None, :], (BLOCK_M, BLOCK_N))
+        valid = m_ok[:, None] & n_ok[None, :]
+        w = tl.load(w_ptr + wr.to(tl.int64) * stride_wr + wc * stride_wc, mask=valid, other=0.0).to(tl.float32)
+        # once per output tile: the mode is a runtime value (one variant for every mode)
+        t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
+                              offs_m[:, None], m_ok[:, None], wr, wc, valid, prune_kind, quant_on)
+        acc = acc * transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr, mask_ptr,
+                                   mask_stride, stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
+                                   prune_kind, quant_on, True, 1)
+    if has_bias != 0:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, cast_to(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
+    if rowsum_here:
+        tl.store(rowsum_ptr + offs_m, cast_to(row_sum, rowsum_ptr.dtype.element_ty, UPCAST), mask=m_ok)
+
+
+_KEYS = ["M_KEY", "N_KEY", "K_KEY", "PRUNE", "QUANT", "B_IS_W", "EXACT_COEF", "LOWRANK", "prune_kind", "quant_on",
+         "has_bias", "do_rowsum", "scale_grouped", "nm_in_tile", "INPUT_PRECISION"]
+def _tune_bench(kernel_call, quantiles):
+    """Shorter than Triton's default (25 ms warm-up + 100 ms per config): tuning runs once per key."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+_vcon_matmul_tuned = triton.autotune(
+    configs=[_as_config(c) for c in GPU_CONFIGS], key=_KEYS, prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=_tune_bench,
+)(_vcon_matmul_kernel)
+
+
+def min_tile() -> int:
+    """The smallest BLOCK_N / BLOCK_K any config may use (N:M groups must divide it to stay in-tile)."""
+    if AUTOTUNE:
+        return min(min(c[1], c[2]) for c in GPU_CONFIGS)
+    cfg = current_config(torch.float32)
+    return min(cfg["BLOCK_N"], cfg["BLOCK_K"])
+
+
+def nm_in_tile(m: int, tile: int) -> bool:
+    """N:M groups of m stay whole inside tiles of ``tile`` (both powers of two, m <= tile)."""
+    return m >= 1 and (m & (m - 1)) == 0 and m <= tile
+
+
+def current_config(dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tile sizes used without autotuning (interpreter, or VCON_TRITON_AUTOTUNE=0)."""
+    if INTERPRET:
+        return dict(INTERPRET_CONFIG, **TILE_OVERRIDE)
+    bm, bn, bk, warps, stages = DEFAULT_GPU_CONFIG
+    if dtype == torch.float32:  # 4-byte tiles: halve BLOCK_K to stay inside an A100's shared memory
+        bk //= 2
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return dict(cfg, **TILE_OVERRIDE)
+
+
+def _no_transform_args(device) -> dict:
+    d = dummy(device)
+    return dict(w_ptr=d, stride_wr=0, stride_wc=0, thr_ptr=d, thr_stride=0, mask_ptr=d, mask_stride=0,
+                stored_mask=0, nm_n=0, nm_m=1, scale_ptr=d, scale_row_stride=0, group_size=1, scale_grouped=0,
+                binary=0, qmin=0.0, qmax=0.0, prune_kind=0, quant_on=0, PRUNE=0, QUANT=0)
+
+
+def vcon_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    state: Optional[WeightState] = None,
+    beta: Optional[torch.Tensor] = None,
+    b_is_w: int = B_PLAIN,
+    epilogue: int = EPI_NONE,
+    bias: Optional[torch.Tensor] = None,
+    lowrank: Optional[tuple] = None,
+    rowsum: Optional[torch.Tensor] = None,
+    tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """``out = epilogue(a @ b [* beta + a2 @ b2]) + bias`` (see the module docstring); any strides.
+
+    Args:
+        a: (M, K); b: (K, N), a view of the weight (``W.t()`` or ``W``) when ``b_is_w`` is set.
+        state: the weight transform (for ``b_is_w`` with pruning/quantization, or the exact epilogue).
+        beta: the fp32 beta tensor (defaults to ``state.beta``).
+        lowrank: ``(a2, b2)`` with a2 (M, r) and b2 (r, N).
+        rowsum: optional (M,) output receiving ``a.sum(1)``.
+        tokens: the dimension that varies between calls (for the autotune bucket); defaults to M.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    device = a.device
+    d = dummy(device)
+    args = dict(state.kernel_args()) if state is not None else _no_transform_args(device)
+    if beta is None:
+        beta = state.beta if state is not None else d
+    args["beta_ptr"] = beta
+    if b_is_w == B_PLAIN:  # the main loop transforms nothing; the exact epilogue branches at run time
+        args.update(PRUNE=0, QUANT=0)
+        if epilogue != EPI_EXACT_COEF:
+            args.update(prune_kind=0, quant_on=0)
+    a2, b2 = lowrank if lowrank is not None else (d.view(1, 1), d.view(1, 1))
+    r = a2.shape[1] if lowrank is not None else 0
+    tokens = m if tokens is None else tokens
+    args.update(
+        a_ptr=a, b_ptr=b, out_ptr=out, bias_ptr=bias if bias is not None else d, a2_ptr=a2, b2_ptr=b2,
+        rowsum_ptr=rowsum if rowsum is not None else d,
+        M=m, N=n, K=k, R=r,
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0), stride_bn=b.stride(1),
+        stride_om=out.stride(0), stride_on=out.stride(1),
+        stride_a2m=a2.stride(0), stride_a2r=a2.stride(1), stride_b2r=b2.stride(0), stride_b2n=b2.stride(1),
+        M_KEY=bucket(m) if tokens == m else m, N_KEY=bucket(n) if tokens == n else n,
+        K_KEY=bucket(k) if tokens == k else k,
+        B_IS_W=b_is_w, EXACT_COEF=epilogue == EPI_EXACT_COEF, LOWRANK=lowrank is not None,
+        scale_mode={EPI_BETA: 1, EPI_ONE_MINUS_BETA: 2}.get(epilogue, 0), has_bias=int(bias is not None),
+        do_rowsum=int(rowsum is not None), INPUT_PRECISION=input_precision(a.dtype), UPCAST=UPCAST,
+        nm_in_tile=int(args["prune_kind"] == 2 and nm_in_tile(args["nm_m"], min_tile())),
+    )
+    if AUTOTUNE:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        launch(_vcon_matmul_tuned, grid, **args)
+    else:
+        cfg = current_config(a.dtype)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        launch(_vcon_matmul_kernel, grid, **args, **cfg)
+    return out
