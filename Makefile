@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml setup.py
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q $(TORCH_PIN) $(TRITON_PIN) numpy
 	$(PIP) install -q --no-build-isolation -e ".[test]"
