@@ -9,9 +9,10 @@
 // only a few percent of the keys remain. torch.kthvalue on the other hand copies and
 // partially sorts all values (about 24 ms for 1M fp32 here; this is under 1 ms).
 //
-// Large layers (per-layer threshold): the first digit is histogrammed in parallel, one
-// histogram per chunk; a second parallel pass collects the keys of the selected bucket;
-// the rest runs serially on those candidates. Per-row thresholds run one row per task.
+// Large layers (per-layer threshold): a 16-bit first digit histogrammed in parallel (one
+// histogram per thread), then a parallel pass collecting the keys of the selected bucket
+// (a compare per key, few keys kept), then the rest serially on those candidates.
+// Per-row thresholds run one row per task, radix select on the row.
 #include "select.h"
 
 #include <ATen/Parallel.h>
@@ -144,22 +145,26 @@ U select_kth_largest(U* keys, int64_t n, int64_t k, int hi, uint32_t* hist) {
 template <typename T>
 key_t<T> layer_kth_largest(const T* w, int64_t n, int64_t k) {
   using U = key_t<T>;
-  constexpr int kFirst = 11;
+  // A 16-bit first digit (sign-cleared exponent and 7 or 4 mantissa bits): one bucket
+  // then holds ~0.1% of Gaussian-like weights, so the second pass mostly just compares.
+  constexpr int kFirst = 16;
   constexpr uint32_t kBins = 1u << kFirst;
+  constexpr int64_t kBlock = 32;
   const int shift = kKeyBits<U> - kFirst;
-  // Chunks of >= 32K entries, a few per thread (they are not all equally fast on a shared machine).
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, n >> 15));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n >> 15));
   const int64_t per = (n + chunks - 1) / chunks;
   std::vector<uint32_t> hists(chunks * kBins, 0u);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<uint32_t> spare(kBins);
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t begin = c * per, end = std::min(n, begin + per);
-      histogram(w + begin, end - begin, shift, kBins, hists.data() + c * kBins, spare.data());
+      uint32_t* h = hists.data() + c * kBins;
+      const int64_t end = std::min(n, (c + 1) * per);
+      for (int64_t i = c * per; i < end; ++i) {
+        h[abs_key(w[i]) >> shift]++;
+      }
     }
   });
-  std::vector<uint32_t> total(2 * kBins, 0u);
-  for (int64_t c = 0; c < chunks; ++c) {
+  std::vector<uint32_t> total(hists.begin(), hists.begin() + kBins);
+  for (int64_t c = 1; c < chunks; ++c) {
     for (uint32_t b = 0; b < kBins; ++b) {
       total[b] += hists[c * kBins + b];
     }
@@ -170,13 +175,27 @@ key_t<T> layer_kth_largest(const T* w, int64_t n, int64_t k) {
   for (int64_t c = 0; c < chunks; ++c) {
     offset[c + 1] = offset[c] + hists[c * kBins + bucket];
   }
-  std::vector<U> candidates(offset[chunks] + 1);
+  std::vector<U> candidates(offset[chunks] + kBlock);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<U> part;
+    const U b = bucket;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t begin = c * per, end = std::min(n, begin + per);
-      part.resize(offset[c + 1] - offset[c] + 1);
-      const int64_t m = collect(w + begin, end - begin, shift, kBins - 1, bucket, part.data());
+      std::vector<U> part(offset[c + 1] - offset[c] + kBlock);
+      int64_t m = 0;
+      for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+        const int64_t len = std::min(end - i0, kBlock);
+        uint32_t hits = 0;  // vectorizes: most blocks hold no key of the bucket
+        for (int64_t i = 0; i < len; ++i) {
+          hits += (abs_key(w[i0 + i]) >> shift) == b;
+        }
+        if (hits) {
+          for (int64_t i = 0; i < len; ++i) {
+            const U key = abs_key(w[i0 + i]);
+            part[m] = key;
+            m += (key >> shift) == b;
+          }
+        }
+      }
       std::copy(part.begin(), part.begin() + m, candidates.begin() + offset[c]);
     }
   });
