@@ -156,13 +156,30 @@ def _quantile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
+CLOCKS = {
+    # Wall time: what a user waits for; on a shared machine it includes every preemption.
+    "wall": time.perf_counter,
+    # CPU time of this process (all its threads): immune to time slicing by other jobs, so
+    # it shows the work itself. With one torch thread it is the single-core time; with
+    # more it also counts OpenMP spin-waits, so use it with --threads 1.
+    "cpu": time.process_time,
+}
+
+
+def clock_unit(clock: str) -> str:
+    return "ms" if clock == "wall" else "ms (cpu)"
+
+
 def measure_interleaved(fns: dict[str, Callable[[], None]], rounds: int = 15, warmup: int = 2,
-                        min_time_s: float = 0.02, device: str = "cpu", baseline: str = "dense", seed: int = 0) -> dict:
+                        min_time_s: float = 0.02, device: str = "cpu", baseline: str = "dense", seed: int = 0,
+                        clock: str = "wall") -> dict:
     """{provider: dict(median, p20, p80, ratio_to_dense, times)} in milliseconds per call.
 
     Each measurement repeats a call ``inner`` times (chosen so one measurement lasts at
     least ``min_time_s``) and divides, so sub-millisecond steps are not timer noise.
+    ``clock`` is "wall" or "cpu" (see CLOCKS).
     """
+    now_s = CLOCKS[clock]
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -184,11 +201,11 @@ def measure_interleaved(fns: dict[str, Callable[[], None]], rounds: int = 15, wa
         for name in order:
             fn, reps = fns[name], inner[name]
             _sync(device)
-            start = time.perf_counter()
+            start = now_s()
             for _ in range(reps):
                 fn()
             _sync(device)
-            this_round[name] = (time.perf_counter() - start) / reps * 1e3
+            this_round[name] = (now_s() - start) / reps * 1e3
             times[name].append(this_round[name])
         if baseline in this_round:
             for name, t in this_round.items():
@@ -242,7 +259,7 @@ def now() -> str:
 
 # -- CSV ------------------------------------------------------------------------------------------------
 def _key(row: dict) -> tuple:
-    return tuple(str(row[c]) for c in ("op", "provider", "mode", "shape", "dtype", "device"))
+    return tuple(str(row.get(c, "")) for c in ("op", "provider", "mode", "shape", "dtype", "device", "unit"))
 
 
 def write_rows(rows: list[dict], path: str = RESULTS_CSV) -> None:

@@ -8,8 +8,9 @@ per-round ratios (bench_common.measure_interleaved).
 
 Shapes are ``M x K x N``: M rows of input (batch x sequence), a K -> N layer. The full
 sweep is M in {16, 128, 1024, 4096} x K = N in {512, 1024, 4096}, every compression and
-mode: hours on 2 cores. ``--quick`` runs what the targets need: every compression at
-2048 x 1024 x 1024, and the M sweep at K = N = 1024 for the target compressions.
+mode: hours on 2 cores. ``--quick`` runs what the targets need: every compression and
+mode at 2048 x 1024 x 1024, and the M sweep (forward, full) at K = N = 1024 for the
+target compressions.
 
 Writes a table to stdout, rows to bench/data/results.csv (merged by key) and PNG plots
 to bench/data/.
@@ -31,11 +32,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_common import CLOCKS  # noqa: E402
 from bench_common import COMPRESSIONS  # noqa: E402
 from bench_common import DATA_DIR  # noqa: E402
 from bench_common import MODES  # noqa: E402
 from bench_common import RESULTS_CSV  # noqa: E402
 from bench_common import TARGET_COMPRESSIONS  # noqa: E402
+from bench_common import clock_unit  # noqa: E402
 from bench_common import device_name  # noqa: E402
 from bench_common import layer_providers  # noqa: E402
 from bench_common import measure_interleaved  # noqa: E402
@@ -65,7 +68,7 @@ def _shape(text: str) -> tuple:
 
 def plan(args) -> list[tuple]:
     """[(compression, (m, k, n), mode)] in run order."""
-    modes = args.modes or (["forward", "full"] if args.quick else list(MODES))
+    modes = args.modes or list(MODES)
     compressions = args.compressions or list(COMPRESSIONS)
     if args.shapes:
         shapes = args.shapes
@@ -79,8 +82,9 @@ def plan(args) -> list[tuple]:
     for mode in modes:
         if shapes is None:  # quick: every compression at the target shape, the M sweep for the targeted ones
             jobs += [(c, TARGET_SHAPE, mode) for c in compressions]
-            jobs += [(c, (m, 1024, 1024), mode) for c in compressions if c in TARGET_COMPRESSIONS
-                     for m in QUICK_M if (m, 1024, 1024) != TARGET_SHAPE]
+            if mode != "backward":
+                jobs += [(c, (m, 1024, 1024), mode) for c in compressions if c in TARGET_COMPRESSIONS
+                         for m in QUICK_M if (m, 1024, 1024) != TARGET_SHAPE]
         else:
             jobs += [(c, s, mode) for c in compressions for s in shapes]
     return jobs
@@ -92,12 +96,13 @@ def run(args) -> list[dict]:
     version, date, dev = version_string(), now(), device_name(device)
     rows = []
     jobs = plan(args)
-    print(f"# {len(jobs)} comparisons on {dev}; {version}; {args.rounds} interleaved rounds each", flush=True)
+    print(f"# {len(jobs)} comparisons on {dev}; {version}; {args.rounds} interleaved rounds each; "
+          f"{args.clock} clock", flush=True)
     header = f"{'mode':8s} {'compression':14s} {'shape':16s} " + " ".join(f"{p:>17s}" for p in args.providers)
     print(header + "   (median ms, ratio to dense)", flush=True)
     for compression, (m, k, n), mode in jobs:
         fns = layer_providers(compression, m, k, n, mode, dtype, device, providers=args.providers)
-        stats = measure_interleaved(fns, rounds=args.rounds, device=device)
+        stats = measure_interleaved(fns, rounds=args.rounds, device=device, clock=args.clock)
         shape = f"{m}x{k}x{n}"
         cells = []
         for provider in args.providers:
@@ -108,7 +113,8 @@ def run(args) -> list[dict]:
             cells.append(f"{s['median']:9.3f} ({s['ratio_to_dense']:5.2f})")
             rows.append(dict(op=compression, provider=provider, mode=mode, shape=shape, dtype=args.dtype,
                              median=f"{s['median']:.4f}", p20=f"{s['p20']:.4f}", p80=f"{s['p80']:.4f}", device=dev,
-                             version=version, date=date, ratio_to_dense=f"{s['ratio_to_dense']:.4f}", unit="ms",
+                             version=version, date=date, ratio_to_dense=f"{s['ratio_to_dense']:.4f}",
+                             unit=clock_unit(args.clock),
                              threads=torch.get_num_threads(), rounds=args.rounds))
         print(f"{mode:8s} {compression:14s} {shape:16s} " + " ".join(cells), flush=True)
         del fns
@@ -116,8 +122,15 @@ def run(args) -> list[dict]:
 
 
 # -- plots -----------------------------------------------------------------------------------------------
-def plot(rows: list[dict], out_dir: str = DATA_DIR, dtype: str = "float32") -> list[str]:
-    """PNG plots from CSV rows: ratio to dense against M (K = N = 1024), and at the target shape."""
+def config_tag(threads: int, clock: str) -> str:
+    """Suffix of the plot files of one measurement configuration, e.g. "2t_wall"."""
+    return f"{threads}t_{clock}"
+
+
+def plot(rows: list[dict], out_dir: str = DATA_DIR, dtype: str = "float32", tag: str = "") -> list[str]:
+    """PNG plots from the CSV rows of one configuration: ratio to dense against M (K = N = 1024),
+    and at the target shape. File names end in ``_{tag}``."""
+    suffix = f"_{tag}" if tag else ""
     try:
         import matplotlib
 
@@ -151,10 +164,10 @@ def plot(rows: list[dict], out_dir: str = DATA_DIR, dtype: str = "float32") -> l
         ax.set_yscale("log", base=2)
         ax.set_xlabel("M (rows of input), K = N = 1024")
         ax.set_ylabel("time / dense nn.Linear (median of rounds)")
-        ax.set_title(f"VCON linear, {mode} step, {dtype}")
+        ax.set_title(f"VCON linear, {mode} step, {dtype} ({tag})")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"ratio_vs_m_{mode}.png")
+        path = os.path.join(out_dir, f"ratio_vs_m_{mode}{suffix}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -180,7 +193,7 @@ def plot(rows: list[dict], out_dir: str = DATA_DIR, dtype: str = "float32") -> l
             ax.set_ylabel("time / dense")
             ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(out_dir, "ratio_at_target_shape.png")
+        path = os.path.join(out_dir, f"ratio_at_target_shape{suffix}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -198,6 +211,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", type=_csv_list, help="comma list of dense,naive,torch,cpp,triton")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per comparison (default 15)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                        help="wall time (default) or process CPU time (robust on a busy machine; use --threads 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--csv", default=RESULTS_CSV, help="CSV to merge the rows into")
@@ -218,7 +233,10 @@ def main(argv=None) -> int:
     write_rows(rows, args.csv)
     print(f"# wrote {len(rows)} rows to {args.csv}")
     if not args.no_plots:
-        for path in plot(read_rows(args.csv), os.path.dirname(os.path.abspath(args.csv)), args.dtype):
+        dev, unit = device_name(args.device), clock_unit(args.clock)
+        mine = [r for r in read_rows(args.csv) if r["device"] == dev and r["unit"] == unit]
+        tag = config_tag(torch.get_num_threads(), args.clock)
+        for path in plot(mine, os.path.dirname(os.path.abspath(args.csv)), args.dtype, tag):
             print(f"# plot {path}")
     return 0
 

@@ -30,7 +30,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +37,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_common import CLOCKS  # noqa: E402
 from bench_common import COMPRESSIONS  # noqa: E402
 from bench_common import RESULTS_CSV  # noqa: E402
+from bench_common import clock_unit  # noqa: E402
 from bench_common import device_name  # noqa: E402
 from bench_common import now  # noqa: E402
 from bench_common import version_string  # noqa: E402
@@ -114,6 +115,7 @@ def _sync(device):
 
 
 def time_steps(compression: str, args) -> dict:
+    clock = CLOCKS[args.clock]
     """{provider: dict(median, p20, p80, ratio_to_dense)} in ms per step, interleaved rounds."""
     steps = {p: build(p, compression, args)[2] for p in args.providers}
     for fn in steps.values():
@@ -127,10 +129,10 @@ def time_steps(compression: str, args) -> dict:
         this = {}
         for p in order:
             _sync(args.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[p]()
             _sync(args.device)
-            this[p] = (time.perf_counter() - t0) * 1e3
+            this[p] = (clock() - t0) * 1e3
             times[p].append(this[p])
         if "dense" in this:
             for p in this:
@@ -204,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                        help="wall time (default) or process CPU time (robust on a busy machine; use --threads 1)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--d", type=int, default=768)
     parser.add_argument("--mlp", type=int, default=3072)
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
     version, date, dev = version_string(), now(), device_name(args.device)
     backend = vk.backends.select(args.device).name
     print(f"# {args.layers}-layer stack, {shape}, fp32 training step (AdamW), beta 0.5; fused backend: {backend}")
-    print(f"# {dev}; {version}; {args.rounds} interleaved rounds", flush=True)
+    print(f"# {dev}; {version}; {args.rounds} interleaved rounds; {args.clock} clock", flush=True)
     rows = []
     mem_dense = None
     if not args.no_memory and "dense" in args.providers:
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
             rows.append(dict(op=f"model:{compression}", provider=p if p != "fused" else f"fused-{backend}",
                              mode="train_step", shape=shape, dtype="float32", median=f"{s['median']:.2f}",
                              p20=f"{s['p20']:.2f}", p80=f"{s['p80']:.2f}", device=dev, version=version, date=date,
-                             ratio_to_dense=f"{s['ratio_to_dense']:.4f}", unit="ms",
+                             ratio_to_dense=f"{s['ratio_to_dense']:.4f}", unit=clock_unit(args.clock),
                              threads=torch.get_num_threads(), rounds=args.rounds))
             if not args.no_memory:
                 mem = mem_dense if (p == "dense" and mem_dense) else measure_memory(p, compression, args)
