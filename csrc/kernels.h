@@ -429,6 +429,32 @@ void stats_rows(const RowArgs& a, const void* weight, double* stat, int64_t* cou
   }
 }
 
+template <typename T>
+void axpby(const void* xv, const void* yv, void* outv, int64_t n, double a, double b) {
+  using C = compute_t<T>;
+  using V = Vectorized<C>;
+  const T* x = static_cast<const T*>(xv);
+  const T* y = static_cast<const T*>(yv);
+  T* out = static_cast<T*>(outv);
+  const V va(static_cast<C>(a)), vb(static_cast<C>(b));
+  constexpr int64_t kChunk = 256;  // reduced-precision inputs are widened a chunk at a time
+  C bx[kChunk], by[kChunk], bo[kChunk];
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t len = n - c0 < kChunk ? n - c0 : kChunk;
+    const C* px = load_row(x + c0, bx, len);
+    const C* py = load_row(y + c0, by, len);
+    C* po = dest_row(out + c0, bo);
+    int64_t i = 0;
+    for (; i + V::size() <= len; i += V::size()) {
+      (va * V::loadu(px + i) + vb * V::loadu(py + i)).store(po + i);
+    }
+    if (i < len) {
+      (va * V::loadu(px + i, len - i) + vb * V::loadu(py + i, len - i)).store(po + i, len - i);
+    }
+    store_row(po, out + c0, len);
+  }
+}
+
 inline KernelTable make_table(const char* isa) {
   KernelTable t{};
   t.isa = isa;
@@ -444,6 +470,10 @@ inline KernelTable make_table(const char* isa) {
   t.stats[DT_DOUBLE] = &stats_rows<double>;
   t.stats[DT_BFLOAT16] = &stats_rows<c10::BFloat16>;
   t.stats[DT_HALF] = &stats_rows<c10::Half>;
+  t.axpby[DT_FLOAT] = &axpby<float>;
+  t.axpby[DT_DOUBLE] = &axpby<double>;
+  t.axpby[DT_BFLOAT16] = &axpby<c10::BFloat16>;
+  t.axpby[DT_HALF] = &axpby<c10::Half>;
   return t;
 }
 

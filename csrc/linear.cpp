@@ -14,14 +14,18 @@
 //   y  = b x W^T + (1-b) t U^T + bias,      dx = b dY W + (1-b) (dY U) V,
 //   dW = G (STE) or b G (exact),  dU = (1-b) dY^T t = (1-b) G V^T,  dV = (1-b) (dY U)^T x = (1-b) U^T G.
 // Two ways to run it, picked per call by FLOP count:
-//   weight space:     W_eff = b W + (1-b) U V (one addmm into the workspace, N K r) and
-//                     one dense GEMM; backward reuses G for dU and dV (2 N K r);
+//   weight space:     W_eff = b W + (1-b) U V into the workspace (N K r, in cache-sized row
+//                     blocks: one read of W, one write) and one dense GEMM; backward
+//                     reuses G for dU and dV (2 N K r);
 //   activation space: addmm accumulation of the thin products (M r (N + K) forward).
 // The weight-space form wins when M is larger than about N K / (N + K) (512 for a square
 // 1024 layer), i.e. for training batches; small M (inference, decoding) uses the other.
 // beta = 1 is exactly nn.Linear and beta = 0 exactly the finalized V-then-U pair.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <array>
 
 #include "ops.h"
@@ -111,6 +115,36 @@ std::pair<double, double> lowrank_betas(const at::Tensor& beta, at::ScalarType d
   }
 }
 
+int dtype_slot(at::ScalarType t) {
+  return t == at::kFloat ? DT_FLOAT : t == at::kDouble ? DT_DOUBLE : t == at::kBFloat16 ? DT_BFLOAT16 : DT_HALF;
+}
+
+// out = b W + (1 - b) U V, in blocks of rows whose U V part stays in cache: one read of W
+// and one write of out. (addmm_out(out, W, U, V, b, 1 - b) copies W into out first and
+// then reads and writes out again in the GEMM: twice the memory traffic.)
+void lowrank_weight(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, double b, double omb,
+                    at::Tensor& out) {
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t block = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(k, 1));  // ~64K entries
+  const at::Tensor w = weight.contiguous();
+  const AxpbyFn axpby = kernels().axpby[dtype_slot(w.scalar_type())];
+  const int64_t esize = w.element_size();
+  const char* wp = static_cast<const char*>(w.data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  // Detached: the worker threads do not inherit this thread's grad mode, and an out= GEMM
+  // refuses inputs that require grad while grad mode is on.
+  const at::Tensor ud = u.detach(), vd = v.detach();
+  at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor tmp = at::empty({block, k}, out.options());
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * block, h = std::min(block, n - r0);
+      at::Tensor part = tmp.narrow(0, 0, h);
+      at::mm_out(part, ud.narrow(0, r0, h), vd);
+      axpby(wp + r0 * k * esize, part.data_ptr(), op + r0 * k * esize, h * k, b, omb);
+    }
+  });
+}
+
 void check_factors(const OptTensor& u, const OptTensor& v, const at::Tensor& weight) {
   TORCH_CHECK(u.has_value() && v.has_value() && u->defined() && v->defined(),
               "vcon_kernels._C: a low-rank layer needs lowrank_u and lowrank_v");
@@ -133,7 +167,7 @@ at::Tensor lowrank_forward(const at::Tensor& x, const at::Tensor& weight, const 
   const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
   if (n * k <= m * (n + k)) {  // weight space: N K r to build W_eff vs M r (N + K) for the thin products
     at::Tensor w_eff = workspace(weight, n, k);
-    at::addmm_out(w_eff, weight, u, v, b, omb);
+    lowrank_weight(weight, u, v, b, omb, w_eff);
     return at::linear(x, w_eff, bias);
   }
   // Activation space: both products accumulate into y through addmm's alpha, no extra pass.
@@ -178,7 +212,7 @@ std::vector<at::Tensor> lowrank_backward(const at::Tensor& dy, const at::Tensor&
     const at::Tensor g = (need_w || need_lr) ? dy.t().mm(x) : at::Tensor();
     if (need_x) {
       at::Tensor w_eff = workspace(weight, n, k);
-      at::addmm_out(w_eff, weight, u, v, b, omb);
+      lowrank_weight(weight, u, v, b, omb, w_eff);
       dx = dy.mm(w_eff);
     }
     if (need_lr) {
@@ -205,6 +239,9 @@ std::vector<at::Tensor> lowrank_backward(const at::Tensor& dy, const at::Tensor&
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                           const at::Tensor& beta, const at::Tensor& threshold, const at::Tensor& scales,
                           const OptTensor& mask, const OptTensor& u, const OptTensor& v, const Spec& spec) {
+  // These are the kernels of an op: autograd is handled around them, never inside (and the
+  // out= GEMMs below would refuse inputs that require grad while grad mode is on).
+  c10::AutoGradMode no_grad(false);
   check_linear(x, weight, "linear_forward");
   if (spec.lowrank) {
     check_factors(u, v, weight);
@@ -218,6 +255,7 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
                                         const OptTensor& bias, const at::Tensor& beta, const at::Tensor& threshold,
                                         const at::Tensor& scales, const OptTensor& mask, const OptTensor& u,
                                         const OptTensor& v, const Spec& spec, const std::vector<bool>& needs) {
+  c10::AutoGradMode no_grad(false);
   check_linear(x, weight, "linear_backward");
   TORCH_CHECK(needs.size() == 4, "vcon_kernels._C.linear_backward: needs must be (x, weight, bias, lowrank)");
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),

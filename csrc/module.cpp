@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "ops.h"
+#include "select.h"
 
 namespace {
 
@@ -62,4 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", &vcon::set_isa, "force 'default' or 'avx2' kernels, or 'auto'", py::arg("name"));
   m.def("workspace_bytes", &vcon::workspace_bytes, "bytes held by this thread's W_eff workspace");
   m.def("release_workspace", &vcon::release_workspace, "free this thread's W_eff workspace");
+  m.def("threshold_hint_stats", &vcon::threshold_hint_stats,
+        "(hits, misses) of the one-pass per-layer threshold path since the last clear");
+  m.def("clear_threshold_hints", &vcon::clear_threshold_hints, "forget every per-layer threshold hint");
 }

@@ -78,11 +78,15 @@ using CoefFn = void (*)(const RowArgs&, const void* weight, void* grad, int64_t 
 using StatsFn = void (*)(const RowArgs&, const void* weight, double* stat, int64_t* count, int64_t r0, int64_t r1,
                          void* scratch);
 
+// out = a * x + b * y over n entries (compute dtype, rounded once to the storage dtype).
+using AxpbyFn = void (*)(const void* x, const void* y, void* out, int64_t n, double a, double b);
+
 struct KernelTable {
   const char* isa;
   BlendFn blend[DT_COUNT];
   CoefFn coef[DT_COUNT];
   StatsFn stats[DT_COUNT];
+  AxpbyFn axpby[DT_COUNT];
 };
 
 // Bytes of scratch one call of a row kernel needs for rows of `cols` entries.

@@ -207,6 +207,29 @@ def test_thresholds_equal_kthvalue(kind, sparsity, granularity, dtype):
     assert torch.equal(t, t_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_threshold_hints_stay_exact_as_weights_move(dtype):
+    """From the second call on a weight, the per-layer threshold comes from a one-pass
+    bracket around the last one (csrc/select.cpp): exact however far the weights move."""
+    _C.clear_threshold_hints()
+    torch.manual_seed(7)
+    w = torch.randn(400, 300).to(dtype)
+    config = vk.Prune(sparsity=0.7)
+    moves = [0.0, 1e-7, 1e-4, 1e-2, 0.5, None, 0.0, "ties", 0.0, 1e-3]
+    for move in moves:
+        with torch.no_grad():
+            if move is None:
+                w.copy_(torch.randn_like(w, dtype=torch.float32) * 3)  # a different weight at the same address
+            elif move == "ties":
+                w.copy_((w.float() * 4).round() / 4)  # few distinct magnitudes: the answer is a huge tie
+            else:
+                w.mul_(1 + move * torch.randn_like(w, dtype=torch.float32).to(dtype))
+        _, (t_ref, _), (t, _) = _state_both(w, config)
+        assert torch.equal(t, t_ref), move
+    hits, misses = _C.threshold_hint_stats()
+    assert hits >= 3 and misses >= 2 and hits + misses == len(moves) - 1
+
+
 @pytest.mark.parametrize("config", [
     vk.Quantize(bits=8),
     vk.Quantize(bits=4, granularity="group", group_size=13),
@@ -438,3 +461,11 @@ def test_no_warning_when_extension_is_built(recwarn):
     layer = make_linear("prune_layer")
     layer(torch.randn(2, 53))
     assert not [w for w in recwarn if "vcon_kernels" in str(w.message)]
+
+
+def test_explain_names_the_lowrank_path():
+    layer = make_linear("lowrank")
+    with vk.backends.use("cpp"):
+        assert "activation space" in vk.explain(layer, (4, 53))
+        assert "weight space" in vk.explain(layer, (100_000, 53))
+        assert "workspace" in vk.explain(make_linear("prune_layer"), (4, 53))

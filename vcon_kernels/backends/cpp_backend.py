@@ -103,12 +103,16 @@ class CppBackend(TorchBackend):
 
     # -- introspection -----------------------------------------------------------------------
     def explain(self, x_shape, weight_shape, spec: TransformSpec, device) -> str:
+        isa = _C.isa()
         if spec.lowrank:
-            return (
-                f"cpp ({_C.isa()}): low rank by FLOP count: W_eff = beta W + (1-beta) U V in a reused workspace "
-                "+ one GEMM (large batches), or addmm-accumulated thin GEMMs (small batches)"
-            )
-        return (
-            f"cpp ({_C.isa()}): W_eff built in one vectorized pass into a reused per-thread workspace, "
-            "then one addmm; rebuilt for the input gradient"
-        )
+            m = 1
+            for d in x_shape[:-1]:
+                m *= int(d)
+            n, k = weight_shape
+            if n * k <= m * (n + k):  # the rule of csrc/linear.cpp
+                return (f"cpp ({isa}): low rank in weight space: W_eff = beta W + (1-beta) U V by one addmm into "
+                        "a reused workspace, then one GEMM (M large enough to amortize N K r)")
+            return (f"cpp ({isa}): low rank in activation space: beta x W^T and (1-beta) (x V^T) U^T accumulated "
+                    "by addmm into the output (M too small to amortize building W_eff)")
+        return (f"cpp ({isa}): W_eff built in one vectorized pass into a reused per-thread workspace, "
+                "then one addmm; rebuilt the same way for the input gradient")
