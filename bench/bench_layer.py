@@ -148,12 +148,11 @@ def plot(rows: list[dict], out_dir: str = DATA_DIR, dtype: str = "float32", tag:
             m, k, n = (int(v) for v in r["shape"].split("x"))
             if r["mode"] == mode and k == 1024 and n == 1024 and r["provider"] in ("cpp", "triton", "naive"):
                 sweep.setdefault((r["op"], r["provider"]), []).append((m, float(r["ratio_to_dense"])))
+        sweep = {key: points for key, points in sweep.items() if len(points) >= 2}
         if not sweep:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (op, provider), points in sorted(sweep.items()):
-            if len(points) < 2:
-                continue
             points.sort()
             style = "--" if provider == "naive" else "-"
             ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=f"{op} ({provider})")
