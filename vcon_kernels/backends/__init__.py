@@ -9,7 +9,9 @@ Default choice, per call, from the device of the weight:
 Override with the environment variable ``VCON_BACKEND=torch|cpp|triton`` or, scoped,
 ``with vk.backends.use("torch"): ...``. Forcing ``triton`` on CPU tensors is how the
 kernel tests run under ``TRITON_INTERPRET=1``. Asking for a backend that cannot run is
-an error, never a silent fallback.
+an error, never a silent fallback. When the preferred backend of a device cannot run
+(the C++ extension was not built, Triton is missing), ``select`` uses plain torch and
+warns once, naming the reason.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import importlib
 import os
 import threading
+import warnings
 
 from .torch_backend import TorchBackend
 
@@ -25,6 +28,7 @@ BACKEND_NAMES = ("torch", "cpp", "triton")
 _MODULES = {"cpp": ("cpp_backend", "CppBackend"), "triton": ("triton_backend", "TritonBackend")}
 _instances: dict = {"torch": TorchBackend()}
 _load_errors: dict = {}
+_fallback_warned: set = set()
 _local = threading.local()
 
 
@@ -87,7 +91,19 @@ def select(device_type: str):
         backend = _load(preferred)
         if backend is not None:
             return backend
+        _warn_fallback(preferred, device_type)
     return _instances["torch"]
+
+
+def _warn_fallback(name: str, device_type: str) -> None:
+    if name in _fallback_warned:
+        return
+    _fallback_warned.add(name)
+    warnings.warn(
+        f"vcon_kernels: the {name!r} backend for {device_type} tensors is unavailable ({_load_errors.get(name)}); "
+        "using the plain-torch backend (same results, slower)",
+        stacklevel=3,
+    )
 
 
 @contextlib.contextmanager

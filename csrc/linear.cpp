@@ -1,0 +1,289 @@
+// The blended linear layer on CPU: build W_eff once into a reused workspace, then one GEMM.
+//
+// Forward:   W_eff -> workspace (one pass over W), y = addmm(b, x, W_eff^T)       (= F.linear)
+// Backward:  W_eff -> workspace again, dx = dY W_eff; dW = dY^T X (scaled in place for
+//            exact gradients); db = sum dY. Nothing weight-sized is kept between the two.
+//
+// The workspace is one buffer per thread and dtype, grown to the largest weight seen and
+// reused by every layer, so a model pays for one weight-sized buffer, not one per layer,
+// and no step pays for fresh pages (allocating and first-touching 4 MB costs about as much
+// as the transform itself). It never escapes: only these functions read it, and only
+// between building W_eff and the GEMM that consumes it.
+//
+// Low rank (no weight transform): with G = dY^T X and t = x V^T,
+//   y  = b x W^T + (1-b) t U^T + bias,      dx = b dY W + (1-b) (dY U) V,
+//   dW = G (STE) or b G (exact),  dU = (1-b) dY^T t = (1-b) G V^T,  dV = (1-b) (dY U)^T x = (1-b) U^T G.
+// Two ways to run it, picked per call by FLOP count:
+//   weight space:     W_eff = b W + (1-b) U V into the workspace (N K r, in cache-sized row
+//                     blocks: one read of W, one write) and one dense GEMM; backward
+//                     reuses G for dU and dV (2 N K r);
+//   activation space: addmm accumulation of the thin products (M r (N + K) forward).
+// The weight-space form wins when M is larger than about N K / (N + K) (512 for a square
+// 1024 layer), i.e. for training batches; small M (inference, decoding) uses the other.
+// beta = 1 is exactly nn.Linear and beta = 0 exactly the finalized V-then-U pair.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <array>
+
+#include "ops.h"
+
+namespace vcon {
+
+// -- workspace -------------------------------------------------------------------------------------
+namespace {
+
+thread_local std::array<at::Tensor, DT_COUNT> t_workspace;
+
+at::Tensor workspace(const at::Tensor& like, int64_t rows, int64_t cols) {
+  auto& buf = t_workspace[like.scalar_type() == at::kFloat      ? DT_FLOAT
+                          : like.scalar_type() == at::kDouble   ? DT_DOUBLE
+                          : like.scalar_type() == at::kBFloat16 ? DT_BFLOAT16
+                                                                : DT_HALF];
+  const int64_t n = rows * cols;
+  if (!buf.defined() || buf.numel() < n) {
+    buf = at::Tensor();  // free the old buffer before allocating the larger one
+    buf = at::empty({n}, like.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  return buf.narrow(0, 0, n).view({rows, cols});
+}
+
+}  // namespace
+
+int64_t workspace_bytes() {
+  int64_t total = 0;
+  for (const auto& t : t_workspace) {
+    if (t.defined()) {
+      total += t.numel() * t.element_size();
+    }
+  }
+  return total;
+}
+
+void release_workspace() {
+  for (auto& t : t_workspace) {
+    t = at::Tensor();
+  }
+}
+
+namespace {
+
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const char* what) {
+  TORCH_CHECK(x.dim() == 2, "vcon_kernels._C.", what, ": input must be 2-D (M, K), got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "vcon_kernels._C.", what, ": input dtype ", x.scalar_type(),
+              " does not match the weight dtype ", weight.scalar_type());
+  TORCH_CHECK(x.device() == weight.device(), "vcon_kernels._C.", what, ": input and weight are on different devices");
+  TORCH_CHECK(weight.dim() == 2 && x.size(1) == weight.size(1), "vcon_kernels._C.", what, ": input has ", x.size(1),
+              " features, the weight expects ", weight.size(1));
+}
+
+at::Tensor opt(const OptTensor& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+// W_eff for a GEMM: the weight itself when every beta is 1, else built into the workspace.
+at::Tensor effective_weight(const Prepared& p) {
+  if (p.identity) {
+    return p.weight;
+  }
+  at::Tensor ws = workspace(p.weight, p.args.rows, p.args.cols);
+  blend_into(p, ws);
+  return ws;
+}
+
+// beta and 1 - beta rounded to the input dtype, as the plain-torch backend computes them
+// (b = beta.to(x.dtype); 1 - b in that dtype), so that both backends scale by equal values.
+std::pair<double, double> lowrank_betas(const at::Tensor& beta, at::ScalarType dtype) {
+  TORCH_CHECK(beta.scalar_type() == at::kFloat && beta.numel() == 1,
+              "vcon_kernels._C: low-rank beta must be one fp32 value, got shape ", beta.sizes());
+  const float b = beta.contiguous().data_ptr<float>()[0];
+  switch (dtype) {
+    case at::kDouble:
+      return {static_cast<double>(b), 1.0 - static_cast<double>(b)};
+    case at::kBFloat16: {
+      const float bb = static_cast<float>(c10::BFloat16(b));
+      return {bb, static_cast<float>(c10::BFloat16(1.0f - bb))};
+    }
+    case at::kHalf: {
+      const float bh = static_cast<float>(c10::Half(b));
+      return {bh, static_cast<float>(c10::Half(1.0f - bh))};
+    }
+    default:
+      return {b, 1.0f - b};
+  }
+}
+
+int dtype_slot(at::ScalarType t) {
+  return t == at::kFloat ? DT_FLOAT : t == at::kDouble ? DT_DOUBLE : t == at::kBFloat16 ? DT_BFLOAT16 : DT_HALF;
+}
+
+// out = b W + (1 - b) U V, in blocks of rows whose U V part stays in cache: one read of W
+// and one write of out. (addmm_out(out, W, U, V, b, 1 - b) copies W into out first and
+// then reads and writes out again in the GEMM: twice the memory traffic.)
+void lowrank_weight(const at::Tensor& weight, const at::Tensor& u, const at::Tensor& v, double b, double omb,
+                    at::Tensor& out) {
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t block = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(k, 1));  // ~64K entries
+  const at::Tensor w = weight.contiguous();
+  const AxpbyFn axpby = kernels().axpby[dtype_slot(w.scalar_type())];
+  const int64_t esize = w.element_size();
+  const char* wp = static_cast<const char*>(w.data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  // Detached: the worker threads do not inherit this thread's grad mode, and an out= GEMM
+  // refuses inputs that require grad while grad mode is on.
+  const at::Tensor ud = u.detach(), vd = v.detach();
+  at::parallel_for(0, (n + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor tmp = at::empty({block, k}, out.options());
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * block, h = std::min(block, n - r0);
+      at::Tensor part = tmp.narrow(0, 0, h);
+      at::mm_out(part, ud.narrow(0, r0, h), vd);
+      axpby(wp + r0 * k * esize, part.data_ptr(), op + r0 * k * esize, h * k, b, omb);
+    }
+  });
+}
+
+void check_factors(const OptTensor& u, const OptTensor& v, const at::Tensor& weight) {
+  TORCH_CHECK(u.has_value() && v.has_value() && u->defined() && v->defined(),
+              "vcon_kernels._C: a low-rank layer needs lowrank_u and lowrank_v");
+  TORCH_CHECK(u->dim() == 2 && v->dim() == 2 && u->size(0) == weight.size(0) && v->size(1) == weight.size(1) &&
+                  u->size(1) == v->size(0),
+              "vcon_kernels._C: low-rank factors must be U (N, r) and V (r, K), got ", u->sizes(), " and ", v->sizes());
+  TORCH_CHECK(u->scalar_type() == weight.scalar_type() && v->scalar_type() == weight.scalar_type(),
+              "vcon_kernels._C: low-rank factors must have the weight's dtype");
+}
+
+at::Tensor lowrank_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           const at::Tensor& beta, const at::Tensor& u, const at::Tensor& v) {
+  const auto [b, omb] = lowrank_betas(beta, x.scalar_type());
+  if (b == 1.0) {
+    return at::linear(x, weight, bias);
+  }
+  if (b == 0.0) {
+    return at::linear(at::linear(x, v), u, bias);
+  }
+  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
+  if (n * k <= m * (n + k)) {  // weight space: N K r to build W_eff vs M r (N + K) for the thin products
+    at::Tensor w_eff = workspace(weight, n, k);
+    lowrank_weight(weight, u, v, b, omb, w_eff);
+    return at::linear(x, w_eff, bias);
+  }
+  // Activation space: both products accumulate into y through addmm's alpha, no extra pass.
+  at::Tensor y = bias.defined() ? at::addmm(bias, x, weight.t(), 1.0, b)
+                                : at::empty({m, n}, x.options()).addmm_(x, weight.t(), 0.0, b);
+  y.addmm_(at::linear(x, v), u.t(), 1.0, omb);
+  return y;
+}
+
+std::vector<at::Tensor> lowrank_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& beta, const at::Tensor& u, const at::Tensor& v,
+                                         const Spec& spec, bool need_x, bool need_w, bool need_lr) {
+  const auto [b, omb] = lowrank_betas(beta, x.scalar_type());
+  at::Tensor dx, dw, du, dv;
+  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1), r = v.size(0);
+  if (b == 1.0) {
+    if (need_x) dx = dy.mm(weight);
+    if (need_w) dw = dy.t().mm(x);
+    if (need_lr) {
+      du = at::zeros_like(u);
+      dv = at::zeros_like(v);
+    }
+    return {dx, dw, at::Tensor(), du, dv};
+  }
+  const auto scale_dw = [&](at::Tensor g) { return spec.exact ? g.mul_(b) : g; };
+  if (b == 0.0) {  // the finalized pair, as nn.Sequential(Linear(K, r), Linear(r, N)) computes it
+    const at::Tensor gu = (need_x || need_lr) ? dy.mm(u) : at::Tensor();
+    if (need_x) dx = gu.mm(v);
+    if (need_w) dw = spec.exact ? at::zeros_like(weight) : dy.t().mm(x);
+    if (need_lr) {
+      du = dy.t().mm(at::linear(x, v));
+      dv = gu.t().mm(x);
+    }
+    return {dx, dw, at::Tensor(), du, dv};
+  }
+  // FLOPs beyond the shared dense GEMMs (dx = dY W_eff and G = dY^T X).
+  const int64_t weight_space = (need_x ? n * k * r : 0) + (need_lr ? 2 * n * k * r : 0) +
+                               (need_lr && !need_w ? m * n * k : 0);
+  const int64_t act_space = ((need_x || need_lr) ? m * n * r : 0) + (need_x ? m * r * k : 0) +
+                            (need_lr ? m * r * (2 * k + n) : 0);
+  if (weight_space <= act_space) {
+    const at::Tensor g = (need_w || need_lr) ? dy.t().mm(x) : at::Tensor();
+    if (need_x) {
+      at::Tensor w_eff = workspace(weight, n, k);
+      lowrank_weight(weight, u, v, b, omb, w_eff);
+      dx = dy.mm(w_eff);
+    }
+    if (need_lr) {
+      du = at::empty({n, r}, x.options()).addmm_(g, v.t(), 0.0, omb);
+      dv = at::empty({r, k}, x.options()).addmm_(u.t(), g, 0.0, omb);
+    }
+    if (need_w) dw = scale_dw(g);
+    return {dx, dw, at::Tensor(), du, dv};
+  }
+  const at::Tensor gu = (need_x || need_lr) ? dy.mm(u) : at::Tensor();
+  if (need_x) {
+    dx = at::empty({m, k}, x.options()).addmm_(dy, weight, 0.0, b).addmm_(gu, v, 1.0, omb);
+  }
+  if (need_w) dw = scale_dw(dy.t().mm(x));
+  if (need_lr) {
+    du = at::empty({n, r}, x.options()).addmm_(dy.t(), at::linear(x, v), 0.0, omb);
+    dv = at::empty({r, k}, x.options()).addmm_(gu.t(), x, 0.0, omb);
+  }
+  return {dx, dw, at::Tensor(), du, dv};
+}
+
+}  // namespace
+
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                          const at::Tensor& beta, const at::Tensor& threshold, const at::Tensor& scales,
+                          const OptTensor& mask, const OptTensor& u, const OptTensor& v, const Spec& spec) {
+  // These are the kernels of an op: autograd is handled around them, never inside (and the
+  // out= GEMMs below would refuse inputs that require grad while grad mode is on).
+  c10::AutoGradMode no_grad(false);
+  check_linear(x, weight, "linear_forward");
+  if (spec.lowrank) {
+    check_factors(u, v, weight);
+    return lowrank_forward(x, weight, opt(bias), beta, *u, *v);
+  }
+  const Prepared p = prepare(weight, beta, threshold, scales, mask, spec);
+  return at::linear(x, effective_weight(p), opt(bias));
+}
+
+std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                        const OptTensor& bias, const at::Tensor& beta, const at::Tensor& threshold,
+                                        const at::Tensor& scales, const OptTensor& mask, const OptTensor& u,
+                                        const OptTensor& v, const Spec& spec, const std::vector<bool>& needs) {
+  c10::AutoGradMode no_grad(false);
+  check_linear(x, weight, "linear_backward");
+  TORCH_CHECK(needs.size() == 4, "vcon_kernels._C.linear_backward: needs must be (x, weight, bias, lowrank)");
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == weight.size(0),
+              "vcon_kernels._C.linear_backward: grad_out must be (M, N), got ", grad_out.sizes());
+  const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_lr = needs[3];
+  at::Tensor db;
+  std::vector<at::Tensor> grads;
+  if (spec.lowrank) {
+    check_factors(u, v, weight);
+    grads = lowrank_backward(grad_out, x, weight, beta, *u, *v, spec, need_x, need_w, need_lr);
+    if (need_b) grads[2] = grad_out.sum(0);
+    return grads;
+  }
+  const Prepared p = prepare(weight, beta, threshold, scales, mask, spec);
+  at::Tensor dx, dw;
+  if (need_x) {
+    dx = grad_out.mm(effective_weight(p));
+  }
+  if (need_w) {
+    dw = grad_out.t().mm(x);
+    if (has_coefficient(p, spec)) {
+      scale_grad_(p, dw);
+    }
+  }
+  if (need_b && bias.has_value() && bias->defined()) {
+    db = grad_out.sum(0).to(bias->scalar_type());
+  }
+  return {dx, dw, db, at::Tensor(), at::Tensor()};
+}
+
+}  // namespace vcon

@@ -1,0 +1,69 @@
+// Python bindings of the vcon_kernels C++ CPU extension (vcon_kernels._C).
+//
+// vcon_kernels/backends/cpp_backend.py calls these from the torch.ops.vcon ops; they are
+// not a public API. Every call releases the GIL while it computes.
+#include <torch/extension.h>
+
+#include "ops.h"
+#include "select.h"
+
+namespace {
+
+// Bumped whenever a binding changes: cpp_backend.py refuses (and falls back from) a stale build.
+constexpr int kAbiVersion = 1;
+
+vcon::Spec make_spec(int prune, double sparsity, bool per_row, int nm_n, int nm_m, int bits, int64_t group_size,
+                     bool exact, bool lowrank) {
+  vcon::Spec s;
+  s.prune = prune;
+  s.sparsity = sparsity;
+  s.per_row = per_row;
+  s.nm_n = nm_n;
+  s.nm_m = nm_m;
+  s.bits = bits;
+  s.group_size = group_size;
+  s.exact = exact;
+  s.lowrank = lowrank;
+  return s;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.doc() = "vcon_kernels C++ CPU ops (fused blended-weight transforms and linear layers)";
+  m.attr("ABI_VERSION") = kAbiVersion;
+
+  py::class_<vcon::Spec>(m, "Spec")
+      .def(py::init(&make_spec), py::arg("prune"), py::arg("sparsity"), py::arg("per_row"), py::arg("nm_n"),
+           py::arg("nm_m"), py::arg("bits"), py::arg("group_size"), py::arg("exact"), py::arg("lowrank"))
+      .def_readonly("prune", &vcon::Spec::prune)
+      .def_readonly("bits", &vcon::Spec::bits)
+      .def_readonly("group_size", &vcon::Spec::group_size)
+      .def_readonly("exact", &vcon::Spec::exact)
+      .def_readonly("lowrank", &vcon::Spec::lowrank);
+
+  m.def("compute_state", &vcon::compute_state, release(), "(threshold, scales) of the current weight",
+        py::arg("weight"), py::arg("beta"), py::arg("mask"), py::arg("spec"), py::arg("kept"));
+  m.def("blend_weight", &vcon::blend_weight, release(), "W_eff as a new tensor", py::arg("weight"), py::arg("beta"),
+        py::arg("threshold"), py::arg("scales"), py::arg("mask"), py::arg("spec"));
+  m.def("weight_grad", &vcon::weight_grad, release(), "dW from dL/dW_eff (grad itself for STE)", py::arg("grad"),
+        py::arg("weight"), py::arg("beta"), py::arg("threshold"), py::arg("scales"), py::arg("mask"),
+        py::arg("spec"));
+  m.def("linear_forward", &vcon::linear_forward, release(), "the blended linear layer", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("beta"), py::arg("threshold"), py::arg("scales"),
+        py::arg("mask"), py::arg("u"), py::arg("v"), py::arg("spec"));
+  m.def("linear_backward", &vcon::linear_backward, release(), "(dx, dW, db, dU, dV), None where not needed",
+        py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("beta"), py::arg("threshold"),
+        py::arg("scales"), py::arg("mask"), py::arg("u"), py::arg("v"), py::arg("spec"), py::arg("needs"));
+
+  m.def("isa", &vcon::current_isa, "the ISA of the kernels in use: 'default' or 'avx2'");
+  m.def("compiled_isas", &vcon::compiled_isas, "the ISAs compiled into this build");
+  m.def("set_isa", &vcon::set_isa, "force 'default' or 'avx2' kernels, or 'auto'", py::arg("name"));
+  m.def("workspace_bytes", &vcon::workspace_bytes, "bytes held by this thread's W_eff workspace");
+  m.def("release_workspace", &vcon::release_workspace, "free this thread's W_eff workspace");
+  m.def("threshold_hint_stats", &vcon::threshold_hint_stats,
+        "(hits, misses) of the one-pass per-layer threshold path since the last clear");
+  m.def("clear_threshold_hints", &vcon::clear_threshold_hints, "forget every per-layer threshold hint");
+}
