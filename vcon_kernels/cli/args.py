@@ -133,6 +133,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
     g.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps")
+    g.add_argument("--clip", type=float, default=None, help="max gradient norm (0 = none); default: the task's")
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--eval-every", type=int, default=None, help="steps between validation points of the curve")
     g.add_argument("--dense-steps", type=int, default=None)

@@ -51,7 +51,7 @@ def run_compress(args, parser) -> int:
     task = get_task(args.task, device=device, **task_options(args))
     task.load()  # raises MissingDependency with the install command
     settings = settings_for(task, steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
-                            lr_schedule=args.lr_schedule, eval_every=args.eval_every)
+                            lr_schedule=args.lr_schedule, eval_every=args.eval_every, clip=args.clip)
     dense_settings = settings_for(task, dense=True, steps=args.dense_steps, lr=args.dense_lr,
                                   batch_size=args.batch_size)
     transition = args.vcon_steps or max(1, round(args.transition * settings.steps))

@@ -1,7 +1,8 @@
 """Fine-tuning runs at equal budget: the dense model (cached on disk), then each compression method.
 
 Every compressed run starts from the same fine-tuned dense weights and uses the same
-optimizer (AdamW, weight decay 0.01, gradient norm clipped at 1), learning-rate schedule
+optimizer (AdamW, weight decay 0.01, gradient norm clipped at the task's ``clip``; 0 = no
+clipping), learning-rate schedule
 (linear warm-up, then cosine decay to 0, or constant), batch size, number of steps and
 data order (from the run seed). Only the method differs. Timings cover the optimizer
 steps only (not the periodic validation), with the device synchronised on GPUs.
@@ -54,7 +55,7 @@ class TrainSettings:
     eval_every: int = 0
     eval_size: Optional[int] = None
     weight_decay: float = 0.01
-    clip: float = 1.0
+    clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
     def __post_init__(self):
         if self.steps < 1:
@@ -71,6 +72,8 @@ def settings_for(task: Task, dense: bool = False, **overrides) -> TrainSettings:
     base = dict(steps=o["dense_steps"] if dense else o["steps"], lr=o["dense_lr"] if dense else o["lr"],
                 batch_size=o["batch_size"], warmup=o["warmup"], eval_every=0 if dense else o["eval_every"],
                 eval_size=o["eval_size"])
+    if not dense:
+        base["clip"] = o["clip"]
     base.update({k: v for k, v in overrides.items() if v is not None})
     return TrainSettings(**base)
 
@@ -153,8 +156,13 @@ def finetune(task: Task, model: torch.nn.Module, settings: TrainSettings, seed: 
     }
 
 
+# Task options that only shape the compression runs, not the dense model or its reported metrics.
+_RUN_ONLY_OPTIONS = ("steps", "lr", "warmup", "eval_every", "eval_size", "eval_batch_size", "clip")
+
+
 def _cache_key(task: Task, settings: TrainSettings) -> str:
-    payload = {"task": task.name, "options": task.options, "settings": asdict(settings), "seed": DENSE_SEED,
+    options = {k: v for k, v in task.options.items() if k not in _RUN_ONLY_OPTIONS}
+    payload = {"task": task.name, "options": options, "settings": asdict(settings), "seed": DENSE_SEED,
                "version": CACHE_VERSION, "torch": torch.__version__.split("+")[0]}
     return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -208,13 +216,16 @@ def _probe_logits(task: Task, model) -> torch.Tensor:
 
 def compress_run(task: Task, dense_state: dict, method_name: str, config: vk.VCONConfig, settings: TrainSettings,
                  transition: int, seed: int, schedule="linear", prune_every: Optional[int] = None,
-                 progress: bool = True, base_model: Optional[torch.nn.Module] = None) -> dict:
+                 progress: bool = True, base_model: Optional[torch.nn.Module] = None,
+                 splits=("val", "test")) -> dict:
     """One compression run from the dense weights: convert, fine-tune, finalize, evaluate.
 
     Returns accuracy/loss on the validation and test splits (of the *finalized* model),
     timings, peak memory, model sizes (dense, converted before finalization, finalized;
     and the same for the compressed layers alone), the largest |logit| difference between
     the last VCON state and the finalized model on a validation batch, and the curve.
+    ``splits`` are the splits scored at the end (hyperparameter searches pass ``("val",)``
+    so that the test split is never looked at).
     """
     if base_model is not None:
         model = copy.deepcopy(base_model)
@@ -237,7 +248,7 @@ def compress_run(task: Task, dense_state: dict, method_name: str, config: vk.VCO
               "size_after_mb": vk.storage_bytes(model) / 1e6, "layers_before_mb": layers_before / 1e6,
               "layers_after_mb": _layer_bytes(model, names) / 1e6, "layers": len(names),
               "finalize_max_abs_diff": diff}
-    for split in ("val", "test"):
+    for split in splits:
         ev = task.evaluate(model, split, progress=progress)
         result[f"{split}_acc"], result[f"{split}_loss"] = ev["acc"], ev["loss"]
     result["model"] = model

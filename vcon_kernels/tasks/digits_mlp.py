@@ -31,6 +31,7 @@ class DigitsMLP(Task):
         steps=200,
         lr=1e-3,
         warmup=0.0,
+        clip=1.0,
         eval_every=20,
         eval_size=300,
     )

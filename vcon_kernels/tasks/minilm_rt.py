@@ -85,6 +85,7 @@ class MiniLMRT(Task):
         steps=60,             # compression fine-tuning budget (optimizer steps), the same for every method
         lr=5e-5,
         warmup=0.1,
+        clip=1.0,             # gradient-norm clipping of the compression runs (the Hugging Face default)
         eval_every=10,
         eval_size=250,        # validation examples scored at each eval point (the curve); the full val split at the end
     )
