@@ -39,6 +39,8 @@ def parse():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--lr", type=float, required=True, help="fine-tuning learning rate (one for every method)")
     p.add_argument("--transition", type=float, default=0.3, help="transition window as a fraction of the steps")
+    p.add_argument("--transition-for", default="",
+                   help="per-method overrides of --transition, e.g. gradual=0.15,vcon=0.3 (each at its val best)")
     p.add_argument("--steps", type=int, default=None, help="override the preset budget")
     p.add_argument("--schedule", default="linear")
     p.add_argument("--lr-schedule", default="cosine")
@@ -69,7 +71,11 @@ def main():
         run["clip"] = args.clip
     settings = TrainSettings(batch_size=task.opt("batch_size"), lr=args.lr, lr_schedule=args.lr_schedule,
                              eval_size=task.opt("eval_size"), **run)
-    transition = max(1, round(args.transition * settings.steps))
+    fractions = {m: args.transition for m in args.methods.split(",")}
+    for item in filter(None, args.transition_for.split(",")):
+        method, value = item.split("=")
+        fractions[method] = float(value)
+    transitions = {m: max(1, round(f * settings.steps)) for m, f in fractions.items()}
     dense, dense_info = dense_model(task, args.cache_dir, dense_settings)
     state = {k: v.clone() for k, v in dense.state_dict().items()}
     done = set()
@@ -81,6 +87,7 @@ def main():
         config = compression(name, args.task, mask_update, args.grad)
         for seed in [int(s) for s in args.seeds.split(",")]:
             for method in args.methods.split(","):
+                transition = transitions[method]
                 key = json.dumps([args.task, name, method, seed, args.lr, transition, settings.steps, args.schedule,
                                   args.lr_schedule, str(mask_update), args.grad, splits, settings.clip])
                 if key in done:

@@ -89,6 +89,18 @@ def _methods(value: str):
     return names
 
 
+def _threads(value: str):
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive int, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive int, got {value!r}")
+    return n
+
+
 def _fraction(value: str):
     x = float(value)
     if not 0.0 < x <= 1.0:
@@ -146,7 +158,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--save-model", action="store_true",
                    help="save the finalized VCON model (last seed) as safetensors + JSON in OUT/vcon-model")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=_threads, default="auto",
+                   help="torch CPU threads; auto (default): 1 when the machine is already busy (load average "
+                   ">= cores: parallel threads then mostly wait for each other), else torch's default")
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.compress_parser = p
@@ -168,7 +182,7 @@ def check_args(parser: ArgumentParser, args) -> None:
         if getattr(args, opt) is not None and opt not in task_cls.defaults:
             known = sorted("--" + o.replace("_", "-") for o in TASK_OPTIONS if o in task_cls.defaults)
             fail(f"--{opt.replace('_', '-')} is not an option of task {args.task} (its options: {', '.join(known)})")
-    for name in ("steps", "dense_steps", "batch_size", "vcon_steps", "prune_every", "eval_every", "threads"):
+    for name in ("steps", "dense_steps", "batch_size", "vcon_steps", "prune_every", "eval_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")

@@ -36,6 +36,18 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def choose_threads(option, device: str):
+    """The CPU thread count for ``--threads`` (None: leave torch's default)."""
+    if option != "auto":
+        return option
+    cores = os.cpu_count() or 1
+    if device != "cpu" or cores == 1 or not hasattr(os, "getloadavg"):
+        return None
+    # On a shared machine whose cores are already busy, torch's threads spend their time waiting
+    # for each other at every op: one thread was 2-3x faster than two on a 2-core box at load 6-8.
+    return 1 if os.getloadavg()[0] >= cores else None
+
+
 def run_compress(args, parser) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of hanging on the Hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,8 +57,9 @@ def run_compress(args, parser) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.compress_parser.error(str(exc))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = choose_threads(args.threads, device)
+    if threads:
+        torch.set_num_threads(threads)
     progress = not args.quiet
     task = get_task(args.task, device=device, **task_options(args))
     task.load()  # raises MissingDependency with the install command
@@ -66,7 +79,8 @@ def run_compress(args, parser) -> int:
     print(f"budget:   every method {settings.steps} steps x batch {settings.batch_size} "
           f"({settings.steps * settings.batch_size} examples), AdamW lr {settings.lr:g} "
           f"({settings.lr_schedule}, warm-up {settings.warmup:g}), transition {transition} steps "
-          f"({args.schedule} beta for VCON), seeds {','.join(map(str, args.seeds))}, device {device}")
+          f"({args.schedule} beta for VCON), seeds {','.join(map(str, args.seeds))}, device {device}, "
+          f"{torch.get_num_threads()} CPU thread(s)")
     print("note:     small subsets and short inputs so that the run fits a few CPU minutes; numbers from one "
           "seed are noisy (see experiments/RESULTS.md for the full 3-seed tables)")
 
