@@ -83,9 +83,10 @@ def main():
         with open(args.out) as f:
             done = {json.loads(line)["key"] for line in f if line.strip()}
     splits = ("val",) if args.val_only else ("test",)
-    for name in args.compressions.split(","):
-        config = compression(name, args.task, mask_update, args.grad)
-        for seed in [int(s) for s in args.seeds.split(",")]:
+    # Seeds outermost: a grid stopped early still has every compression for the seeds it finished.
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in args.compressions.split(","):
+            config = compression(name, args.task, mask_update, args.grad)
             for method in args.methods.split(","):
                 transition = transitions[method]
                 key = json.dumps([args.task, name, method, seed, args.lr, transition, settings.steps, args.schedule,
