@@ -51,16 +51,22 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _mask_update(value: str):
-    if value in ("step", "once"):
+def _word_or_positive_int(words: tuple, value: str):
+    """``value`` if it is one of ``words``, else a positive int (argparse type helper)."""
+    if value in words:
         return value
+    expected = ", ".join(repr(w) for w in words)
     try:
         k = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'step', 'once' or a positive int, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"must be {expected} or a positive int, got {value!r}") from None
     if k < 1:
-        raise argparse.ArgumentTypeError(f"must be 'step', 'once' or a positive int, got {value!r}")
+        raise argparse.ArgumentTypeError(f"must be {expected} or a positive int, got {value!r}")
     return k
+
+
+def _mask_update(value: str):
+    return _word_or_positive_int(("step", "once"), value)
 
 
 def _nm(value: str):
@@ -90,15 +96,7 @@ def _methods(value: str):
 
 
 def _threads(value: str):
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive int, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive int, got {value!r}")
-    return n
+    return _word_or_positive_int(("auto",), value)
 
 
 def _fraction(value: str):
