@@ -49,12 +49,14 @@ def table(runs, split="test", by=("compression",), metric="acc"):
         group = tuple(str(r.get(b, "")) for b in by)
         groups.setdefault(group, {}).setdefault(r["method"], {})[r["seed"]] = r[key]
     methods = [m for m in METHODS if any(m in g for g in groups.values())]
-    header = list(by) + [f"{LABELS[m]} ({split} {metric})" for m in methods]
+    header = list(by) + ["seeds"] + [f"{LABELS[m]} ({split} {metric})" for m in methods]
     baselines = [m for m in methods if m != "vcon"] if "vcon" in methods else []
     header += [f"VCON − {LABELS[b]} (wins)" for b in baselines]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, by_method in groups.items():
-        row = list(group)
+        seeds_done = [len(by_method.get(m, {})) for m in methods]
+        row = list(group) + [str(min(seeds_done)) if min(seeds_done) == max(seeds_done)
+                             else f"{min(seeds_done)}-{max(seeds_done)}"]
         for m in methods:
             row.append(cell(mean_std(list(by_method.get(m, {}).values()))))
         for b in baselines:
