@@ -54,7 +54,7 @@ def table(runs, split="test", by=("compression",), metric="acc"):
     header += [f"VCON − {LABELS[b]} (wins)" for b in baselines]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, by_method in groups.items():
-        seeds_done = [len(by_method.get(m, {})) for m in methods]
+        seeds_done = [len(by_method[m]) for m in methods if by_method.get(m)]
         row = list(group) + [str(min(seeds_done)) if min(seeds_done) == max(seeds_done)
                              else f"{min(seeds_done)}-{max(seeds_done)}"]
         for m in methods:
