@@ -71,6 +71,15 @@ def assert_same(a, b, exact=True, what=""):
     torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what}: {m}")
 
 
+def assert_step_matches(eager, comp, twin, x, grad_out, exact=True, where=""):
+    """One forward + backward through ``eager`` and the compiled ``twin``: same output, same gradients."""
+    y, y_c, gr, gr_c = step_both(eager, comp, eager, twin, x, grad_out)
+    assert_same(y_c, y, exact=exact, what=f"output{where}")
+    assert gr.keys() == gr_c.keys()
+    for name in gr:
+        assert_same(gr_c[name], gr[name], exact=exact, what=f"grad {name}{where}")
+
+
 @pytest.mark.parametrize("grad", ["ste", "exact"])
 @pytest.mark.parametrize("case", CASES)
 def test_linear_matches_eager_across_betas(case, grad):
@@ -83,11 +92,7 @@ def test_linear_matches_eager_across_betas(case, grad):
     for beta, second in BETAS:
         set_betas(layer, beta, second)
         set_betas(twin, beta, second)
-        y, y_c, gr, gr_c = step_both(layer, comp, layer, twin, x, g)
-        assert_same(y_c, y, what=f"output at beta={beta}")
-        assert gr.keys() == gr_c.keys()
-        for name in gr:
-            assert_same(gr_c[name], gr[name], what=f"grad {name} at beta={beta}")
+        assert_step_matches(layer, comp, twin, x, g, where=f" at beta={beta}")
     assert counter.frame_count == 1
 
 
@@ -201,10 +206,7 @@ def test_inductor_mlp_matches_eager(no_inductor_cache):
         for m in (model, twin):
             for _, layer in vk.vcon_layers(m):
                 layer.set_beta(beta)
-        y, y_c, gr, gr_c = step_both(model, comp, model, twin, x, g)
-        assert_same(y_c, y, exact=False, what="output")
-        for name in gr:
-            assert_same(gr_c[name], gr[name], exact=False, what=f"grad {name}")
+        assert_step_matches(model, comp, twin, x, g, exact=False, where=f" at beta={beta}")
     assert counter.frame_count == 1
 
 
@@ -220,10 +222,7 @@ def test_inductor_channels_last_conv_matches_eager(no_inductor_cache):
     comp, counter = compiled(twin, "inductor")
     x = torch.randn(2, 13, 6, 6).to(memory_format=torch.channels_last)
     g = torch.randn(2, 8, 7, 7)
-    y, y_c, gr, gr_c = step_both(model, comp, model, twin, x, g)
-    assert_same(y_c, y, exact=False, what="output")
-    for name in gr:
-        assert_same(gr_c[name], gr[name], exact=False, what=f"grad {name}")
+    assert_step_matches(model, comp, twin, x, g, exact=False)
     assert counter.frame_count == 1
 
 

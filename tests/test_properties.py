@@ -83,6 +83,22 @@ def quant_configs(draw, grad):
     return vk.Quantize(bits=bits, granularity=granularity, group_size=group_size, grad=grad), unit
 
 
+def draw_weight_config(draw, kind: str, grad: str):
+    """(config, unit) for a weight-transform kind; unit: what the input dim must be a multiple of.
+
+    Low rank returns (None, 1): its rank depends on the shape, drawn by the caller.
+    """
+    if kind == "prune":
+        return draw(prune_configs(grad, 1))
+    if kind == "quantize":
+        return draw(quant_configs(grad))
+    if kind == "compose":
+        prune, u1 = draw(prune_configs(grad, 1))
+        quant, u2 = draw(quant_configs(grad))
+        return vk.Compose(prune, quant), u1 * u2 // math.gcd(u1, u2)
+    return None, 1
+
+
 @st.composite
 def layer_setups(draw, max_k=48):
     """(config, N, K, betas per stage, dtype)."""
@@ -90,16 +106,7 @@ def layer_setups(draw, max_k=48):
     kind = draw(st.sampled_from(["prune", "quantize", "compose", "lowrank"]))
     dtype = draw(st.sampled_from(DTYPES))
     n = draw(st.integers(1, 24))
-    if kind == "prune":
-        config, unit = draw(prune_configs(grad, 1))
-    elif kind == "quantize":
-        config, unit = draw(quant_configs(grad))
-    elif kind == "compose":
-        prune, u1 = draw(prune_configs(grad, 1))
-        quant, u2 = draw(quant_configs(grad))
-        config, unit = vk.Compose(prune, quant), u1 * u2 // math.gcd(u1, u2)
-    else:
-        config, unit = None, 1
+    config, unit = draw_weight_config(draw, kind, grad)
     k = unit * draw(st.integers(1, max(1, max_k // unit)))
     if kind == "lowrank":
         config = vk.LowRank(rank=draw(st.integers(1, min(n, k))), grad=grad)
@@ -200,16 +207,7 @@ def conv_setups(draw):
     dtype = draw(st.sampled_from([torch.float64, torch.float32]))
     groups = 1 if kind == "lowrank" else draw(st.sampled_from([1, 2]))
     kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    if kind == "prune":
-        config, unit = draw(prune_configs(grad, 1))
-    elif kind == "quantize":
-        config, unit = draw(quant_configs(grad))
-    elif kind == "compose":
-        prune, u1 = draw(prune_configs(grad, 1))
-        quant, u2 = draw(quant_configs(grad))
-        config, unit = vk.Compose(prune, quant), u1 * u2 // math.gcd(u1, u2)
-    else:
-        config, unit = None, 1
+    config, unit = draw_weight_config(draw, kind, grad)
     # in_channels / groups * kh * kw must be a multiple of unit: scale the per-group channels.
     per_group = draw(st.integers(1, 3)) * (unit // math.gcd(unit, kh * kw))
     in_ch = per_group * groups
