@@ -35,6 +35,10 @@ def _entry(rank, fn, world_size, port, args):
     init_gloo(rank, world_size, port)
     try:
         fn(rank, world_size, *args)
+        # No rank tears gloo down while a peer still has collectives in flight: a rank that
+        # returned early (FSDP finalize on rank 0 only) once aborted in gloo's teardown
+        # ("terminate called without an active exception", SIGABRT) in a full `make test`.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
