@@ -270,7 +270,9 @@ inline void quant_blend_segment(const RowArgs& a, const C* w1, C* out, int64_t n
 }
 
 // -- kernels ----------------------------------------------------------------------------------------
-template <typename T>
+// T: the weight's dtype; O: the output's (T itself, or bf16/fp16 from an fp32 weight under
+// autocast: the row is computed in fp32 and rounded once, as `blend(W).to(O)` in torch).
+template <typename T, typename O = T>
 void blend_rows(const RowArgs& a, const void* weight, void* out, int64_t r0, int64_t r1, void* scratch) {
   using C = compute_t<T>;
   const int64_t cols = a.cols;
@@ -281,7 +283,7 @@ void blend_rows(const RowArgs& a, const void* weight, void* out, int64_t r0, int
   const int64_t glen = group_len(a);
   for (int64_t r = r0; r < r1; ++r) {
     const T* src_row = static_cast<const T*>(weight) + r * cols;
-    T* out_row = static_cast<T*>(out) + r * cols;
+    O* out_row = static_cast<O*>(out) + r * cols;
     const C* w = load_row(src_row, buf.a, cols);
     C* dst = dest_row(out_row, buf.b);
     const C* w1 = w;
@@ -295,7 +297,12 @@ void blend_rows(const RowArgs& a, const void* weight, void* out, int64_t r0, int
         quant_blend_segment(a, w1 + g0, dst + g0, glen, s, bq, omb);
       }
     } else if (a.prune == PRUNE_NONE) {
-      std::memmove(dst, w, cols * sizeof(C));
+      if constexpr (std::is_same_v<O, C>) {
+        std::memmove(dst, w, cols * sizeof(C));
+      } else {  // identity blend into a lower dtype: the conversion is the whole job
+        store_row(w, out_row, cols);
+        continue;
+      }
     }
     store_row(dst, out_row, cols);
   }
@@ -462,6 +469,8 @@ inline KernelTable make_table(const char* isa) {
   t.blend[DT_DOUBLE] = &blend_rows<double>;
   t.blend[DT_BFLOAT16] = &blend_rows<c10::BFloat16>;
   t.blend[DT_HALF] = &blend_rows<c10::Half>;
+  t.blend_from_float[DT_BFLOAT16] = &blend_rows<float, c10::BFloat16>;
+  t.blend_from_float[DT_HALF] = &blend_rows<float, c10::Half>;
   t.coef[DT_FLOAT] = &coef_rows<float>;
   t.coef[DT_DOUBLE] = &coef_rows<double>;
   t.coef[DT_BFLOAT16] = &coef_rows<c10::BFloat16>;

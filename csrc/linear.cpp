@@ -70,10 +70,18 @@ void release_workspace() {
 
 namespace {
 
+// Mixed precision (autocast): bf16/fp16 activations with fp32 parameters. W_eff is then built
+// from the fp32 weight straight into a workspace of the activation dtype.
+bool is_mixed(const at::Tensor& x, const at::Tensor& weight) {
+  return x.scalar_type() != weight.scalar_type() && weight.scalar_type() == at::kFloat &&
+         (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf);
+}
+
 void check_linear(const at::Tensor& x, const at::Tensor& weight, const char* what) {
   TORCH_CHECK(x.dim() == 2, "vcon_kernels._C.", what, ": input must be 2-D (M, K), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "vcon_kernels._C.", what, ": input dtype ", x.scalar_type(),
-              " does not match the weight dtype ", weight.scalar_type());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() || is_mixed(x, weight), "vcon_kernels._C.", what,
+              ": input dtype ", x.scalar_type(), " does not match the weight dtype ", weight.scalar_type(),
+              " (mixed precision takes bf16/fp16 inputs with fp32 weights only)");
   TORCH_CHECK(x.device() == weight.device(), "vcon_kernels._C.", what, ": input and weight are on different devices");
   TORCH_CHECK(weight.dim() == 2 && x.size(1) == weight.size(1), "vcon_kernels._C.", what, ": input has ", x.size(1),
               " features, the weight expects ", weight.size(1));
@@ -83,14 +91,19 @@ at::Tensor opt(const OptTensor& t) {
   return t.has_value() ? *t : at::Tensor();
 }
 
-// W_eff for a GEMM: the weight itself when every beta is 1, else built into the workspace.
-at::Tensor effective_weight(const Prepared& p) {
-  if (p.identity) {
+// W_eff for a GEMM with `act` (activations of the GEMM's dtype): the weight itself when every
+// beta is 1 and the dtypes agree, else built into the workspace of that dtype.
+at::Tensor effective_weight(const Prepared& p, const at::Tensor& act) {
+  if (p.identity && act.scalar_type() == p.weight.scalar_type()) {
     return p.weight;
   }
-  at::Tensor ws = workspace(p.weight, p.args.rows, p.args.cols);
+  at::Tensor ws = workspace(act, p.args.rows, p.args.cols);
   blend_into(p, ws);
   return ws;
+}
+
+at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return (!t.defined() || t.scalar_type() == dtype) ? t : t.to(dtype);
 }
 
 // beta and 1 - beta rounded to the input dtype, as the plain-torch backend computes them
@@ -243,12 +256,14 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const O
   // out= GEMMs below would refuse inputs that require grad while grad mode is on).
   c10::AutoGradMode no_grad(false);
   check_linear(x, weight, "linear_forward");
+  const auto dt = x.scalar_type();
   if (spec.lowrank) {
     check_factors(u, v, weight);
-    return lowrank_forward(x, weight, opt(bias), beta, *u, *v);
+    // Mixed precision: the (small) factors and the weight in the activation dtype, for this call only.
+    return lowrank_forward(x, in_dtype(weight, dt), in_dtype(opt(bias), dt), beta, in_dtype(*u, dt), in_dtype(*v, dt));
   }
   const Prepared p = prepare(weight, beta, threshold, scales, mask, spec);
-  return at::linear(x, effective_weight(p), opt(bias));
+  return at::linear(x, effective_weight(p, x), in_dtype(opt(bias), dt));
 }
 
 std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
@@ -263,19 +278,25 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
   const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_lr = needs[3];
   at::Tensor db;
   std::vector<at::Tensor> grads;
+  const auto pdt = weight.scalar_type();
   if (spec.lowrank) {
     check_factors(u, v, weight);
-    grads = lowrank_backward(grad_out, x, weight, beta, *u, *v, spec, need_x, need_w, need_lr);
+    const auto dt = x.scalar_type();
+    grads = lowrank_backward(grad_out, x, in_dtype(weight, dt), beta, in_dtype(*u, dt), in_dtype(*v, dt), spec, need_x,
+                             need_w, need_lr);
     if (need_b) grads[2] = grad_out.sum(0);
+    for (size_t i = 1; i < grads.size(); ++i) {  // parameter gradients in the parameters' dtype
+      grads[i] = in_dtype(grads[i], pdt);
+    }
     return grads;
   }
   const Prepared p = prepare(weight, beta, threshold, scales, mask, spec);
   at::Tensor dx, dw;
   if (need_x) {
-    dx = grad_out.mm(effective_weight(p));
+    dx = grad_out.mm(effective_weight(p, grad_out));
   }
   if (need_w) {
-    dw = grad_out.t().mm(x);
+    dw = in_dtype(grad_out.t().mm(x), pdt);
     if (has_coefficient(p, spec)) {
       scale_grad_(p, dw);
     }

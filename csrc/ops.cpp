@@ -257,7 +257,16 @@ std::tuple<at::Tensor, at::Tensor> compute_state(const at::Tensor& weight, const
 // -- blend_weight / weight_grad -------------------------------------------------------------------------
 void blend_into(const Prepared& p, at::Tensor& out) {
   TORCH_CHECK(p.args.bits == 0 || p.args.scales != nullptr, "vcon_kernels._C: a quantize stage needs scales");
-  const BlendFn fn = kernels().blend[p.dtype];
+  const int out_dtype = dtype_index(out.scalar_type());
+  BlendFn fn = kernels().blend[p.dtype];
+  if (out_dtype != p.dtype) {
+    TORCH_CHECK(p.dtype == DT_FLOAT && (out_dtype == DT_BFLOAT16 || out_dtype == DT_HALF),
+                "vcon_kernels._C: W_eff can be built in the weight's dtype, or in bf16/fp16 from an fp32 weight; got ",
+                p.weight.scalar_type(), " -> ", out.scalar_type());
+    fn = kernels().blend_from_float[out_dtype];
+  }
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == p.weight.sizes(),
+              "vcon_kernels._C: W_eff must be contiguous with the weight's shape");
   const void* wp = p.weight.data_ptr();
   void* op = out.data_ptr();
   for_row_ranges(p.args.rows, p.args.cols, [&](int64_t r0, int64_t r1, void* scratch) {

@@ -84,6 +84,9 @@ using AxpbyFn = void (*)(const void* x, const void* y, void* out, int64_t n, dou
 struct KernelTable {
   const char* isa;
   BlendFn blend[DT_COUNT];
+  // fp32 weight -> W_eff in a lower-precision dtype (indexed by the output dtype; bf16 and
+  // fp16 only): the mixed-precision (autocast) forward builds the GEMM operand directly.
+  BlendFn blend_from_float[DT_COUNT];
   CoefFn coef[DT_COUNT];
   StatsFn stats[DT_COUNT];
   AxpbyFn axpby[DT_COUNT];

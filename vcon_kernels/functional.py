@@ -26,6 +26,8 @@ from typing import Union
 import torch
 
 from . import library  # noqa: F401  (registers torch.ops.vcon)
+from .autocast import eligible
+from .autocast import is_autocast_on
 from .configs import VCONConfig
 from .spec import PRUNE_THRESHOLD
 from .spec import TransformSpec
@@ -75,10 +77,10 @@ def check_inputs(
         raise TypeError(
             f"{name}: input dtype must be float32, bfloat16, float16 or float64, got {x.dtype}"
         )
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not _autocast_casts(x, weight):
         raise TypeError(
             f"{name}: input dtype {x.dtype} does not match the weight dtype {weight.dtype}; "
-            "cast the input or the module (module.to(dtype))"
+            "cast the input or the module (module.to(dtype)), or run under torch.autocast"
         )
     if x.device != weight.device:
         raise ValueError(
@@ -89,6 +91,12 @@ def check_inputs(
             f"{name}: input's {what} dimension must be {in_features} (the layer's input features), "
             f"got shape {tuple(x.shape)}"
         )
+
+
+def _autocast_casts(x: Tensor, weight: Tensor) -> bool:
+    """Whether torch.autocast will bring ``x`` to the compute dtype of a ``weight`` layer (autocast.py)."""
+    device_type = x.device.type
+    return is_autocast_on(device_type) and eligible(x, device_type) and eligible(weight, device_type)
 
 
 def check_params(weight: Tensor, bias: Optional[Tensor], ndim: int, name: str) -> None:

@@ -15,15 +15,28 @@ Each op is a ``torch.library.custom_op``: opaque to ``torch.compile`` (no graph 
 and a tensor ``beta`` means changing it never recompiles), with fake implementations
 for tracing. The implementation picks a backend from the weight's device at call time
 (``backends.select``). Backward ops are ops too, which ``torch.compile`` needs.
+
+Mixed precision: every op has its own autocast kernel (``_register_autocast``). Under
+``torch.autocast`` the layer ops cast only the activation ``x`` to the autocast dtype (as
+autocast does for ``F.linear``'s input); weights, bias, low-rank factors, beta and the state
+stay in their own dtype (fp32 master weights). The backends then build the blended weight
+from the fp32 weight in fp32 and round it to the compute dtype where it is built, so no
+low-precision copy of W outlives the call and nothing weight-sized is saved for backward.
+Every other op (state, blend, backward) runs with autocast switched off, so that autocast
+never reaches into an op's own GEMMs. Outputs: ``y`` / ``dx`` in the activation dtype;
+``dW``, ``db``, ``dU``, ``dV`` in the parameters' dtype (fp32 gradients for fp32 parameters).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.library import custom_op
 from torch.library import register_autograd
 
 from . import backends
+from .autocast import register_autocast
 from .spec import TransformSpec
 
 Tensor = torch.Tensor
@@ -195,16 +208,39 @@ def _grads_tuple(grads, needs):
     )
 
 
+def _saved_input(ctx, x, w_idx, u_idx, v_idx):
+    """``x`` when a weight-side gradient needs it; else a stand-in with its shape and no storage.
+
+    A frozen layer (no gradient for W, U, V: LoRA on a frozen base, a frozen backbone) needs only
+    dY W_eff in backward, so keeping its input alive would cost activation memory for nothing.
+    """
+    n = ctx.needs_input_grad
+    if n[w_idx] or n[u_idx] or n[v_idx]:
+        return x
+    return x.new_zeros(()).expand(x.shape)
+
+
+def _backend_scope(ctx):
+    """The backend forced at forward time, re-applied around the backward op.
+
+    Autograd may run the backward on another thread (always on CUDA), where a thread-local
+    ``vk.backends.use(...)`` of the forward would not be seen.
+    """
+    return backends.use(ctx.backend) if ctx.backend is not None else contextlib.nullcontext()
+
+
 def _linear_setup(ctx, inputs, output):
     x, weight, bias, beta, threshold, scales, mask, u, v, *spec_args = inputs
     ctx.spec_args = spec_args
-    ctx.save_for_backward(x, weight, bias, beta, threshold, scales, mask, u, v)
+    ctx.backend = backends.forced()
+    ctx.save_for_backward(_saved_input(ctx, x, 1, 7, 8), weight, bias, beta, threshold, scales, mask, u, v)
 
 
 def _linear_backward(ctx, grad_out):
     saved = ctx.saved_tensors
     needs = _needs(ctx, 0, 1, 2, 7, 8)
-    grads = torch.ops.vcon.linear_backward(grad_out, *saved, *ctx.spec_args, needs)
+    with _backend_scope(ctx):
+        grads = torch.ops.vcon.linear_backward(grad_out, *saved, *ctx.spec_args, needs)
     dx, dw, db, du, dv = _grads_tuple(grads, needs)
     return (dx, dw, db, None, None, None, None, du, dv) + (None,) * NUM_SPEC_ARGS
 
@@ -268,14 +304,24 @@ def _(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, beta, threshold, scales, mask, u, v, *rest = inputs
     ctx.rest = rest
-    ctx.save_for_backward(x, weight, bias, beta, threshold, scales, mask, u, v)
+    ctx.backend = backends.forced()
+    ctx.save_for_backward(_saved_input(ctx, x, 1, 7, 8), weight, bias, beta, threshold, scales, mask, u, v)
 
 
 def _conv_backward(ctx, grad_out):
     needs = _needs(ctx, 0, 1, 2, 7, 8)
-    grads = torch.ops.vcon.conv2d_backward(grad_out, *ctx.saved_tensors, *ctx.rest, needs)
+    with _backend_scope(ctx):
+        grads = torch.ops.vcon.conv2d_backward(grad_out, *ctx.saved_tensors, *ctx.rest, needs)
     dx, dw, db, du, dv = _grads_tuple(grads, needs)
     return (dx, dw, db, None, None, None, None, du, dv) + (None,) * (4 + NUM_SPEC_ARGS)
 
 
 register_autograd("vcon::conv2d", _conv_backward, setup_context=_conv_setup)
+
+# -- autocast -------------------------------------------------------------------------------------
+# The layer ops cast their activation (argument 0) to the autocast dtype; every other op only
+# switches autocast off inside (see the module docstring and autocast.py).
+for _name in ("linear", "conv2d"):
+    register_autocast(f"vcon::{_name}", cast_args=(0,))
+for _name in ("compute_state", "blend_weight", "weight_grad", "linear_backward", "conv2d_backward"):
+    register_autocast(f"vcon::{_name}", cast_args=())

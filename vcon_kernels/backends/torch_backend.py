@@ -8,6 +8,11 @@ already-validated arguments of the ``torch.ops.vcon`` ops (weights 2-D (N, K), i
 beta stays an fp32 0-dim tensor in elementwise products: a CPU scalar tensor keeps its own
 precision inside a bf16/fp16 kernel, whereas casting it first would round beta to bf16.
 
+Mixed precision (``torch.autocast``, see ``autocast.py``): ``x`` and ``grad_out`` may come in
+bf16/fp16 while the parameters stay fp32. The blended weight is then built in fp32 from the
+master weight and rounded once to the activation dtype for the GEMMs; gradients of parameters
+are returned in the parameters' dtype, ``dx`` in the activation dtype.
+
 Memory: the forward builds the blended weight as one temporary, uses it for one GEMM and
 drops it; the backward rebuilds it. Nothing the size of a weight is kept between forward
 and backward besides the parameters themselves.
@@ -24,6 +29,11 @@ from .. import transforms
 from ..spec import TransformSpec
 
 Tensor = torch.Tensor
+
+
+def to_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t`` in ``dtype`` (itself when it already is, None stays None)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 class TorchBackend:
@@ -57,10 +67,12 @@ class TorchBackend:
 
     # -- linear -----------------------------------------------------------------------------
     def linear_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec) -> Tensor:
+        dt = x.dtype
         if spec.lowrank:
-            return self._lowrank_forward(x, weight, bias, beta, u, v)
+            return self._lowrank_forward(x, to_dtype(weight, dt), to_dtype(bias, dt), beta, to_dtype(u, dt),
+                                         to_dtype(v, dt))
         w_eff = self.blend_weight(weight, beta, threshold, scales, mask, spec)
-        return F.linear(x, w_eff, bias)
+        return F.linear(x, to_dtype(w_eff, dt), to_dtype(bias, dt))
 
     def linear_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs):
         """(dx, dW, db, dU, dV), None where ``needs`` (x, weight, bias, lowrank) says not needed."""
@@ -69,9 +81,10 @@ class TorchBackend:
             return self._lowrank_backward(grad_out, x, weight, beta, u, v, spec, needs)
         dx = dw = db = None
         if need_x:
-            dx = grad_out @ self.blend_weight(weight, beta, threshold, scales, mask, spec)
+            dx = grad_out @ to_dtype(self.blend_weight(weight, beta, threshold, scales, mask, spec), grad_out.dtype)
         if need_w:
-            dw = self.weight_grad(grad_out.t() @ x, weight, beta, threshold, scales, mask, spec)
+            g = to_dtype(grad_out.t() @ x, weight.dtype)
+            dw = self.weight_grad(g, weight, beta, threshold, scales, mask, spec)
         if need_b and bias is not None:
             db = grad_out.sum(0).to(bias.dtype)
         return dx, dw, db, None, None
@@ -86,32 +99,36 @@ class TorchBackend:
     def _lowrank_backward(self, grad_out, x, weight, beta, u, v, spec, needs):
         need_x, need_w, need_b, need_lr = needs
         b = beta[0]
-        gu = grad_out @ u  # (M, r)
+        dt, pdt = grad_out.dtype, weight.dtype
+        w_c, u_c, v_c = to_dtype(weight, dt), to_dtype(u, dt), to_dtype(v, dt)
+        gu = grad_out @ u_c  # (M, r)
         dx = dw = db = du = dv = None
         if need_x:
-            dx = (grad_out @ weight).mul_(b).add_((gu @ v).mul_(1 - b))
+            dx = (grad_out @ w_c).mul_(b).add_((gu @ v_c).mul_(1 - b))
         if need_w:
-            g = grad_out.t() @ x
+            g = to_dtype(grad_out.t() @ x, pdt)
             dw = g.mul_(b) if spec.exact else g
         if need_b:
-            db = grad_out.sum(0)
+            db = to_dtype(grad_out.sum(0), pdt)
         if need_lr:
-            t = F.linear(x, v)
-            du = (grad_out.t() @ t).mul_(1 - b)
-            dv = (gu.t() @ x).mul_(1 - b)
+            t = F.linear(x, v_c)
+            du = to_dtype(grad_out.t() @ t, u.dtype).mul_(1 - b)
+            dv = to_dtype(gu.t() @ x, v.dtype).mul_(1 - b)
         return dx, dw, db, du, dv
 
     # -- conv2d: the blended weight feeds the ordinary convolution ---------------------------
     def conv2d_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args) -> Tensor:
         stride, padding, dilation, groups = conv_args
+        dt = x.dtype
+        bias = to_dtype(bias, dt)
         if spec.lowrank:  # bias on both paths, as in _lowrank_forward
             b = beta[0]
-            t = F.conv2d(x, v, None, stride, padding, dilation, groups)
-            low = F.conv2d(t, u, bias).mul_(1 - b)
-            return F.conv2d(x, weight, bias, stride, padding, dilation, groups).mul_(b).add_(low)
+            t = F.conv2d(x, to_dtype(v, dt), None, stride, padding, dilation, groups)
+            low = F.conv2d(t, to_dtype(u, dt), bias).mul_(1 - b)
+            return F.conv2d(x, to_dtype(weight, dt), bias, stride, padding, dilation, groups).mul_(b).add_(low)
         w2d = weight.reshape(weight.shape[0], -1)
         w_eff = self.blend_weight(w2d, beta, threshold, scales, mask, spec).view_as(weight)
-        return F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
+        return F.conv2d(x, to_dtype(w_eff, dt), bias, stride, padding, dilation, groups)
 
     def conv2d_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, needs):
         """(dx, dW, db, dU, dV) of :meth:`conv2d_forward`, None where not needed."""
@@ -123,29 +140,36 @@ class TorchBackend:
             return conv_bwd(g, inp, w, None, stride, padding, dilation, False, [0, 0], groups, mask3)
 
         db = grad_out.sum(dim=(0, 2, 3)).to(bias.dtype) if (need_b and bias is not None) else None
+        cdt = grad_out.dtype
         if not spec.lowrank:
             w2d = weight.reshape(weight.shape[0], -1)
             w_eff = self.blend_weight(w2d, beta, threshold, scales, mask, spec).view_as(weight)
-            dx, g, _ = backward_of(grad_out, x, w_eff, [need_x, need_w, False])
+            dx, g, _ = backward_of(grad_out, x, to_dtype(w_eff, cdt), [need_x, need_w, False])
             dw = None
             if need_w:
-                dw = self.weight_grad(g.reshape(w2d.shape), w2d, beta, threshold, scales, mask, spec).view_as(weight)
+                g = to_dtype(g.reshape(w2d.shape), weight.dtype)
+                dw = self.weight_grad(g, w2d, beta, threshold, scales, mask, spec).view_as(weight)
             return dx, dw, db, None, None
         b = beta[0]
-        dx, g, _ = backward_of(grad_out, x, weight, [need_x, need_w, False])
+        u_c, v_c = to_dtype(u, cdt), to_dtype(v, cdt)
+        dx, g, _ = backward_of(grad_out, x, to_dtype(weight, cdt), [need_x, need_w, False])
         if dx is not None:
             dx = dx.mul_(b)
-        dw = (g.mul_(b) if spec.exact else g) if need_w else None
+        dw = None
+        if need_w:
+            g = to_dtype(g, weight.dtype)
+            dw = g.mul_(b) if spec.exact else g
         du = dv = None
         if need_x or need_lr:
-            t = F.conv2d(x, v, None, stride, padding, dilation, groups)
-            dt, du, _ = backward_of(grad_out, t, u, [True, need_lr, False], [1, 1], [0, 0], [1, 1], 1)
-            dt = dt.mul_(1 - b)
-            dx_lr, dv, _ = backward_of(dt, x, v, [need_x, need_lr, False])
+            t = F.conv2d(x, v_c, None, stride, padding, dilation, groups)
+            d_t, du, _ = backward_of(grad_out, t, u_c, [True, need_lr, False], [1, 1], [0, 0], [1, 1], 1)
+            d_t = d_t.mul_(1 - b)
+            dx_lr, dv, _ = backward_of(d_t, x, v_c, [need_x, need_lr, False])
             if need_x:
                 dx = dx.add_(dx_lr)
             if need_lr:
-                du = du.mul_(1 - b)
+                du = to_dtype(du, u.dtype).mul_(1 - b)
+                dv = to_dtype(dv, v.dtype)
         return dx, dw, db, du, dv
 
     # -- introspection -----------------------------------------------------------------------
