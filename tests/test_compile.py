@@ -197,7 +197,7 @@ def test_inductor_mlp_matches_eager(no_inductor_cache):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(53, 32), nn.ReLU(inplace=True), nn.Linear(32, 16))
     configs = {"0": vk.Compose(vk.Prune(sparsity=0.5), vk.Quantize(bits=4)), "2": vk.LowRank(rank=4)}
-    model = vk.convert(model, lambda name, module: configs.get(name))
+    model = vk.convert(model, lambda module, name: configs.get(name))
     twin = copy.deepcopy(model)
     comp, counter = compiled(twin, "inductor")
     x = torch.randn(53, 6).t()  # non-contiguous
@@ -234,7 +234,7 @@ def test_inductor_finalized_model(no_inductor_cache):
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8))
     configs = {"0": vk.Quantize(bits=4, granularity="group", group_size=8), "2": vk.Prune(granularity="nm"),
                "4": vk.LowRank(rank=3)}
-    model = vk.convert(model, lambda name, module: configs.get(name))
+    model = vk.convert(model, lambda module, name: configs.get(name))
     for _, layer in vk.vcon_layers(model):
         layer.set_beta(0.0)
     model = vk.finalize(model)

@@ -54,7 +54,7 @@ def test_convert_cnn_with_config_function():
     torch.manual_seed(0)
     model = SmallCNN()
 
-    def choose(name, module):
+    def choose(module, name):
         if isinstance(module, nn.Conv2d) and module.groups > 1:
             return vk.Quantize(bits=8)
         if name == "head":

@@ -78,7 +78,7 @@ def test_compose_stages_with_their_own_windows():
 
 def test_mixed_models_and_per_stage_schedule():
     model = vk.convert(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)),
-                       lambda name, m: vk.Prune(sparsity=0.5) if name == "0" else vk.LowRank(rank=2))
+                       lambda m, name: vk.Prune(sparsity=0.5) if name == "0" else vk.LowRank(rank=2))
     sched = vk.VCONScheduler(model, steps={"prune": 2, "lowrank": 4}, schedule={"lowrank": "cosine"})
     sched.step()
     assert sched.betas == {"prune": 0.5, "lowrank": pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))}

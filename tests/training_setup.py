@@ -52,7 +52,7 @@ def make_model(seed: int = 0, dropout: float = 0.0) -> nn.Module:
         nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 24), nn.Dropout(dropout), nn.Linear(24, CLASSES),
     )
     configs = layer_configs()
-    return vk.convert(model, lambda name, module: configs.get(name))
+    return vk.convert(model, lambda module, name: configs.get(name))
 
 
 def make_scheduler(model: nn.Module) -> vk.VCONScheduler:

@@ -27,6 +27,7 @@ from ..configs import LowRank
 from ..configs import VCONConfig
 from ..configs import prune_stage
 from ..functional import VCONState
+from ..functional import blended_weight
 from ..functional import check_beta_value
 from ..functional import layer_state
 from ..packing import pack_mask
@@ -149,6 +150,34 @@ class VCONLayerBase(nn.Module):
     # -- low rank ---------------------------------------------------------------------------------
     def _lowrank_shapes(self, rank: int):
         raise NotImplementedError
+
+    @torch.no_grad()
+    def _rederive_vcon_state(self) -> None:
+        """After the weight was re-initialized: stored mask and low-rank factors from the new W.
+
+        The factors are written in place, so optimizers holding them keep working.
+        """
+        if not hasattr(self, "config"):  # nn.Module.__init__ of a subclass, before _init_vcon_state
+            return
+        self.refresh_mask()
+        if getattr(self, "lowrank_u", None) is not None:
+            u, v = self.lowrank_u, self.lowrank_v
+            self._init_lowrank()
+            u.copy_(self.lowrank_u)
+            v.copy_(self.lowrank_v)
+            self.lowrank_u, self.lowrank_v = u, v
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight this layer computes with now: ``beta W + (1 - beta) C(W)`` (no autograd).
+
+        Low rank: ``beta W + (1 - beta) U V`` (the product of the factors, for inspection).
+        """
+        with torch.no_grad():
+            if getattr(self, "lowrank_u", None) is not None:
+                b = self.beta[0]
+                lr = (self.lowrank_u.reshape(self.lowrank_u.shape[0], -1) @ self.lowrank_v.reshape(self.rank, -1))
+                return (b * self.weight_2d() + (1 - b) * lr).to(self.weight.dtype).reshape(self.weight.shape)
+            return blended_weight(self.weight, self.beta, self.config, self.state)
 
     @torch.no_grad()
     def _init_lowrank(self) -> None:

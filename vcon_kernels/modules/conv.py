@@ -37,8 +37,11 @@ def _check_conv_config(config: VCONConfig, conv: nn.Conv2d, name: str) -> None:
     config.check_layer(conv.out_channels, cols, name)
 
 
-class VCONConv2d(VCONLayerBase):
+class VCONConv2d(VCONLayerBase, nn.Conv2d):
     """A 2-D convolution running dense and compressed paths as one blended op.
+
+    An ``nn.Conv2d`` subclass (see :class:`VCONLinear` for what that means for ``weight``
+    and ``reset_parameters``).
 
     Build it from an existing conv with :meth:`from_conv2d` (weights shared) or like
     ``nn.Conv2d`` with an extra ``config``. ``padding_mode`` other than "zeros" and string
@@ -47,7 +50,7 @@ class VCONConv2d(VCONLayerBase):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", config: VCONConfig = None, device=None, dtype=None):
-        super().__init__()
+        nn.Module.__init__(self)
         dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device=device, dtype=dtype)
         _check_conv_config(config, dense, "VCONConv2d")
@@ -57,6 +60,10 @@ class VCONConv2d(VCONLayerBase):
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "padding_mode"):
             setattr(self, attr, getattr(conv, attr))
         self.padding = conv.padding
+        # nn.Conv2d attributes that its helpers (_conv_forward, __setstate__, repr) read.
+        self.transposed = False
+        self.output_padding = conv.output_padding
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
         self.weight = conv.weight
         self.bias = conv.bias
         # Explicit input padding for what convolution_backward cannot express with ints.
@@ -90,6 +97,10 @@ class VCONConv2d(VCONLayerBase):
             x = F.pad(x, self._input_pad, mode=mode)
         return vcon_conv2d(x, self.weight, self.bias, self.beta, self.config, self.state,
                            self.stride, self._conv_padding, self.dilation, self.groups)
+
+    def reset_parameters(self) -> None:
+        nn.Conv2d.reset_parameters(self)
+        self._rederive_vcon_state()
 
     def conv_kwargs(self) -> dict:
         """The ``nn.Conv2d`` constructor arguments of this layer (for finalization)."""

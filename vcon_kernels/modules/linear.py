@@ -20,8 +20,15 @@ from .base import check_config
 from .base import check_finite
 
 
-class VCONLinear(VCONLayerBase):
+class VCONLinear(VCONLayerBase, nn.Linear):
     """A linear layer running dense and compressed paths as one blended op.
+
+    An ``nn.Linear`` subclass, so code keyed on ``isinstance(m, nn.Linear)`` (PEFT target
+    discovery, FSDP wrap policies, HF weight init) treats it as one. ``weight`` is the latent
+    (dense, master) weight: code that calls ``F.linear(x, m.weight)`` itself instead of
+    ``m(x)`` bypasses the blend; :meth:`effective_weight` is the weight the layer computes with.
+    ``reset_parameters()`` re-initializes W and b as ``nn.Linear`` does and re-derives the
+    stored mask and low-rank factors from the new weight.
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
@@ -32,7 +39,7 @@ class VCONLinear(VCONLayerBase):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, config: VCONConfig = None,
                  device=None, dtype=None):
-        super().__init__()
+        nn.Module.__init__(self)
         check_config(config)
         config.check_layer(out_features, in_features, "VCONLinear")
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -64,6 +71,10 @@ class VCONLinear(VCONLayerBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return vcon_linear(x, self.weight, self.bias, self.beta, self.config, self.state)
+
+    def reset_parameters(self) -> None:
+        nn.Linear.reset_parameters(self)
+        self._rederive_vcon_state()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -66,7 +66,7 @@ def convert(model: nn.Module, config: Union[VCONConfig, dict], include=("*",), e
             if not isinstance(pattern, str) or not (cfg is None or isinstance(cfg, VCONConfig)):
                 raise TypeError("config dict must map glob patterns (str) to vk configs or None")
 
-        def choose(name, module):
+        def choose(module, name):
             if name not in selected:
                 return None
             return next((cfg for pattern, cfg in rules if fnmatch.fnmatchcase(name, pattern)), None)
