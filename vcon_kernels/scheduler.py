@@ -156,6 +156,8 @@ class VCONScheduler:
         for layer in self.layers:
             for stage in layer.stage_names:
                 layer.set_beta(betas[stage], stage)
+            # Read by vk.finalize's error only (how far the schedule got), never by the forward.
+            layer.scheduled_steps = (self.t, max(end for _, end in self.windows.values()))
 
     def step(self) -> None:
         """Advance one optimizer step: write the new betas and refresh periodic masks."""

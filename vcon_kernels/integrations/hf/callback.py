@@ -19,6 +19,9 @@ Example usage::
 
 from __future__ import annotations
 
+import warnings
+
+from ...convert import transition_report
 from ...scheduler import VCONScheduler
 from ...tasks.deps import require
 
@@ -70,6 +73,16 @@ class VCONCallback(_transformers.TrainerCallback):
             logs.update(keys)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(keys)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # A run that ends mid-transition is otherwise silent until vk.finalize refuses it.
+        report = transition_report([(f"layer {i}", layer) for i, layer in enumerate(self.scheduler.layers)])
+        if report is not None:
+            warnings.warn(
+                f"VCONCallback: training ended at step {state.global_step} with {report}; vk.finalize will refuse "
+                "until beta reaches 0 (train longer, shorten VCONScheduler(steps=...), or finalize(force=True))",
+                stacklevel=2,
+            )
 
 
 __all__ = ["VCONCallback"]
