@@ -78,7 +78,7 @@ def prune_configs(draw, grad, unit):
 def quant_configs(draw, grad):
     bits = draw(st.sampled_from([1, 2, 4, 8]))
     granularity = draw(st.sampled_from(["channel", "group", "tensor"]))
-    group_size = draw(st.integers(1, 8)) if granularity == "group" else 128
+    group_size = draw(st.integers(1, 8)) if granularity == "group" else None
     unit = group_size if granularity == "group" else 1
     return vk.Quantize(bits=bits, granularity=granularity, group_size=group_size, grad=grad), unit
 

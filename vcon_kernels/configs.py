@@ -28,6 +28,7 @@ from .spec import TransformSpec
 
 GRAD_MODES = ("ste", "exact")
 PRUNE_GRANULARITIES = ("layer", "row", "nm")
+DEFAULT_GROUP_SIZE = 128
 QUANT_BITS = (1, 2, 4, 8)
 QUANT_GRANULARITIES = ("channel", "group", "tensor")
 
@@ -171,6 +172,8 @@ class Quantize(VCONConfig):
         granularity: ``"channel"`` (one scale per output row), ``"group"`` (one per
             ``group_size`` consecutive inputs of a row) or ``"tensor"`` (one per layer, as
             in the reference binary code).
+        group_size: only with ``granularity="group"`` (default 128 there); passing it with
+            another granularity raises instead of being ignored.
         grad: ``"ste"`` or ``"exact"``; with online absmax scales nothing is ever clamped,
             so both give dW = dY^T X here (see README).
 
@@ -182,7 +185,7 @@ class Quantize(VCONConfig):
 
     bits: int = 8
     granularity: str = "channel"
-    group_size: int = 128
+    group_size: Optional[int] = None
     grad: str = "ste"
 
     def __post_init__(self):
@@ -190,8 +193,17 @@ class Quantize(VCONConfig):
             raise ValueError(f"bits must be one of {QUANT_BITS}, got {self.bits!r}")
         if self.granularity not in QUANT_GRANULARITIES:
             raise ValueError(f"granularity must be one of {QUANT_GRANULARITIES}, got {self.granularity!r}")
-        if not _is_int(self.group_size) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        if self.group_size is not None and self.granularity != "group":
+            # Quantize(bits=4, group_size=32) once quantized per channel without a word: refuse it.
+            raise ValueError(
+                f"group_size={self.group_size!r} applies only to granularity='group' (got "
+                f"granularity={self.granularity!r}); pass granularity='group', or omit group_size"
+            )
+        if self.granularity == "group":
+            if self.group_size is None:
+                object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
+            if not _is_int(self.group_size) or self.group_size < 1:
+                raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
         _check_grad(self.grad)
 
     @property

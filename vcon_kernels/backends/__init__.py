@@ -7,7 +7,7 @@ Default choice, per call, from the device of the weight:
 * anything else: plain torch.
 
 Override with the environment variable ``VCON_BACKEND=torch|cpp|triton`` or, scoped,
-``with vk.backends.use("torch"): ...``. Forcing ``triton`` on CPU tensors is how the
+``with vk.backends.use("torch"): ...`` (or a plain call, see :class:`use`). Forcing ``triton`` on CPU tensors is how the
 kernel tests run under ``TRITON_INTERPRET=1``. Asking for a backend that cannot run is
 an error, never a silent fallback. When the preferred backend of a device cannot run
 (the C++ extension was not built, Triton is missing), ``select`` uses plain torch and
@@ -16,7 +16,6 @@ warns once, naming the reason.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import threading
@@ -106,17 +105,30 @@ def _warn_fallback(name: str, device_type: str) -> None:
     )
 
 
-@contextlib.contextmanager
-def use(name: str):
-    """Force a backend inside a ``with`` block (thread-local)."""
-    _check_name(name)
-    get(name)
-    previous = getattr(_local, "override", None)
-    _local.override = name
-    try:
-        yield
-    finally:
-        _local.override = previous
+class use:
+    """Force a backend for this thread: ``with vk.backends.use("torch"): ...`` or a plain call.
+
+    As a plain call, ``vk.backends.use("torch")`` forces the backend until
+    ``vk.backends.use(None)`` (back to the per-device default); in a ``with`` block the
+    previous choice comes back at the end of the block. Layers record the forced backend at
+    forward time and run their backward with it, also when autograd runs the backward on
+    another thread.
+    """
+
+    def __init__(self, name: str | None):
+        if name is not None:
+            _check_name(name)
+            get(name)
+        self.name = name
+        self.previous = getattr(_local, "override", None)
+        _local.override = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _local.override = self.previous
+        return False
 
 
 __all__ = ["BACKEND_NAMES", "TorchBackend", "available", "forced", "get", "select", "use"]

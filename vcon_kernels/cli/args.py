@@ -198,7 +198,8 @@ def config_from_args(args) -> vk.VCONConfig:
                              grad=args.grad)
     quant = None
     if args.method in ("quantize", "prune+quantize"):
-        quant = vk.Quantize(bits=args.bits, granularity=args.quant_granularity, group_size=args.group_size,
+        group_size = args.group_size if args.quant_granularity == "group" else None
+        quant = vk.Quantize(bits=args.bits, granularity=args.quant_granularity, group_size=group_size,
                             grad=args.grad)
     if args.method == "lowrank":
         if args.rank_ratio is not None:
