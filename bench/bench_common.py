@@ -125,21 +125,32 @@ def _step(module, x, grad, mode: str, scope) -> Callable[[], None]:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def _scope(provider: str, device: str, autocast):
+    """The backend choice of ``provider``, inside ``torch.autocast(device, autocast)`` when given."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    if autocast is not None:
+        stack.enter_context(torch.autocast(device, dtype=autocast))
+    stack.enter_context(_backend_scope(provider))
+    return stack
+
+
 def layer_providers(compression: str, m: int, k: int, n: int, mode: str, dtype=torch.float32, device="cpu",
-                    providers=None) -> dict[str, Callable[[], None]]:
-    """{provider: step function} for one layer: dense nn.Linear and every vcon provider."""
+                    providers=None, autocast=None) -> dict[str, Callable[[], None]]:
+    """{provider: step function} for one layer: dense nn.Linear and every vcon provider.
+
+    ``autocast`` (e.g. torch.bfloat16): every provider runs under ``torch.autocast`` with fp32
+    parameters and inputs, as mixed-precision training does (the dense baseline included).
+    """
     dense, layer = build_layers(compression, k, n, dtype, device)
     x = torch.randn(m, k, dtype=dtype, device=device, requires_grad=True)
-    grad = torch.randn(m, n, dtype=dtype, device=device)
+    grad = torch.randn(m, n, dtype=autocast or dtype, device=device)
     wanted = providers or (["dense"] + vcon_providers(device))
     fns = {}
     for name in wanted:
-        if name == "dense":
-            fns[name] = _step(dense, x, grad, mode, lambda: _backend_scope("dense"))
-        elif name == "naive":
-            fns[name] = _step(ReferenceVCON(layer), x, grad, mode, lambda: _backend_scope("naive"))
-        else:
-            fns[name] = _step(layer, x, grad, mode, lambda p=name: _backend_scope(p))
+        module = dense if name == "dense" else ReferenceVCON(layer) if name == "naive" else layer
+        fns[name] = _step(module, x, grad, mode, lambda p=name: _scope(p, device, autocast))
     return fns
 
 

@@ -20,6 +20,7 @@ Example usage::
     python bench/bench_layer.py --quick
     python bench/bench_layer.py --modes full --compressions prune_layer --m 16,128,1024,4096 --kn 1024
     python bench/bench_layer.py --shapes 2048x1024x1024 --rounds 31 --threads 2
+    python bench/bench_layer.py --dtype autocast_bf16 --modes full --shapes 2048x1024x1024   # mixed precision
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ FULL_M = (16, 128, 1024, 4096)
 FULL_KN = (512, 1024, 4096)
 TARGET_SHAPE = (2048, 1024, 1024)
 QUICK_M = (16, 128, 512, 1024, 2048, 4096)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          # fp32 parameters and inputs under torch.autocast(bf16): mixed-precision training
+          "autocast_bf16": torch.float32}
+AUTOCAST = {"autocast_bf16": torch.bfloat16}
 
 
 def _csv_list(text: str) -> list[str]:
@@ -101,7 +105,8 @@ def run(args) -> list[dict]:
     header = f"{'mode':8s} {'compression':14s} {'shape':16s} " + " ".join(f"{p:>17s}" for p in args.providers)
     print(header + "   (median ms, ratio to dense)", flush=True)
     for compression, (m, k, n), mode in jobs:
-        fns = layer_providers(compression, m, k, n, mode, dtype, device, providers=args.providers)
+        fns = layer_providers(compression, m, k, n, mode, dtype, device, providers=args.providers,
+                              autocast=AUTOCAST.get(args.dtype))
         stats = measure_interleaved(fns, rounds=args.rounds, device=device, clock=args.clock)
         shape = f"{m}x{k}x{n}"
         cells = []

@@ -50,7 +50,9 @@ import vcon_kernels as vk  # noqa: E402
 from vcon_kernels.reference import ReferenceVCON  # noqa: E402
 
 DEFAULT_COMPRESSIONS = ("prune_layer", "int8_channel", "binary_tensor", "lowrank_r64")
-PROVIDERS = ("dense", "naive", "fused")
+DEFAULT_PROVIDERS = ("dense", "naive", "fused")
+# lora: the VCON model frozen under PEFT LoRA adapters; dense_lora: plain LoRA on the dense model.
+PROVIDERS = DEFAULT_PROVIDERS + ("lora", "dense_lora")
 
 
 class Block(nn.Module):
@@ -88,7 +90,7 @@ def build(provider: str, compression: str, args, seed: int = 0):
     """(model, optimizer, step function) for one provider."""
     torch.manual_seed(seed)
     model = Stack(args.layers, args.d, args.mlp, args.heads).to(args.device)
-    if provider != "dense":
+    if provider not in ("dense", "dense_lora"):
         model = vk.convert(model, COMPRESSIONS[compression](), filter_fn=lambda mod, name: not name.endswith("head"))
         for layer in vk.vcon_layers(model):
             (layer[1] if isinstance(layer, tuple) else layer).set_beta(0.5)
@@ -96,7 +98,14 @@ def build(provider: str, compression: str, args, seed: int = 0):
         for block in model.blocks:
             for name in ("qkv", "proj", "fc1", "fc2"):
                 setattr(block, name, ReferenceVCON(getattr(block, name)))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if provider in ("lora", "dense_lora"):
+        # PEFT LoRA on every block linear; the base (VCON or dense) is frozen, only adapters train.
+        import peft
+
+        targets = ["qkv", "proj", "fc1", "fc2"]
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                           target_modules=targets, modules_to_save=["head"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(args.batch, args.seq, args.d, generator=g).to(args.device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(args.device)
@@ -186,7 +195,7 @@ def measure_memory(provider: str, compression: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", provider, "--compressions", compression,
            "--device", args.device, "--memory-steps", str(args.memory_steps), "--layers", str(args.layers),
            "--batch", str(args.batch), "--seq", str(args.seq), "--d", str(args.d), "--mlp", str(args.mlp),
-           "--heads", str(args.heads)]
+           "--heads", str(args.heads), "--lora-rank", str(args.lora_rank)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -199,7 +208,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compressions", default=",".join(DEFAULT_COMPRESSIONS),
                         help=f"comma list of {tuple(COMPRESSIONS)}")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of dense,naive,fused")
+    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
+                        help="comma list of dense,naive,fused,lora (frozen VCON base + LoRA),dense_lora")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the lora providers")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved timed steps per provider")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=3, help="steps in each memory subprocess")
@@ -244,7 +255,7 @@ def main(argv=None) -> int:
         stats = time_steps(compression, args)
         for p in args.providers:
             s = stats[p]
-            line = f"{compression:14s} {p:6s} step {s['median']:9.1f} ms  ({s['ratio_to_dense']:.3f}x dense)"
+            line = f"{compression:14s} {p:10s} step {s['median']:9.1f} ms  ({s['ratio_to_dense']:.3f}x dense)"
             rows.append(dict(op=f"model:{compression}", provider=p if p != "fused" else f"fused-{backend}",
                              mode="train_step", shape=shape, dtype="float32", median=f"{s['median']:.2f}",
                              p20=f"{s['p20']:.2f}", p80=f"{s['p80']:.2f}", device=dev, version=version, date=date,

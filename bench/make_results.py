@@ -86,6 +86,29 @@ def targets_table(idx, fused, dtype="float32") -> list[str]:
     return out
 
 
+AUTOCAST_TARGET = 1.15  # full step under CPU bf16 autocast, prune / int8 / binary (mixed-precision issue)
+
+
+def autocast_table(idx, fused) -> list[str]:
+    """The bf16-autocast rows (fp32 parameters, `bench_layer.py --dtype autocast_bf16`), or [] if none."""
+    out = ["| compression | full fused/dense | target | forward fused/dense | plain-torch vcon full / dense "
+           "| dense full ms (p20-p80) |", "|---|---|---|---|---|---|"]
+    for op in ("prune_layer", "int8_channel", "binary_tensor", "lowrank_r64"):
+        full = idx.get((op, fused, "full", TARGET, "autocast_bf16"))
+        if full is None:
+            continue
+        fwd = idx.get((op, fused, "forward", TARGET, "autocast_bf16"), {})
+        torch_ = idx.get((op, "torch", "full", TARGET, "autocast_bf16"), {})
+        dense = idx.get((op, "dense", "full", TARGET, "autocast_bf16"), {})
+        target = AUTOCAST_TARGET if op != "lowrank_r64" else None
+        verdict = f" ({_verdict(full['ratio_to_dense'], target)})" if target else ""
+        out.append(f"| {op} | {_f(full['ratio_to_dense'], '{:.3f}')}{verdict} | {target or '-'} "
+                   f"| {_f(fwd.get('ratio_to_dense'), '{:.3f}')} | {_f(torch_.get('ratio_to_dense'))} "
+                   f"| {_f(dense.get('median'), '{:.1f}')} ({_f(dense.get('p20'), '{:.1f}')}-"
+                   f"{_f(dense.get('p80'), '{:.1f}')}) |")
+    return out if len(out) > 2 else []
+
+
 def m_sweep_table(rows, fused, dtype="float32") -> list[str]:
     sweep = {}
     for r in rows:
@@ -204,6 +227,19 @@ def render(rows, notes_path: str) -> str:
                 "",
                 *targets_table(idx, fused),
                 "",
+            ]
+            autocast = autocast_table(idx, fused)
+            if autocast:
+                lines += [
+                    f"## Mixed precision: the same layer under CPU bf16 autocast, fp32 parameters ({name})",
+                    "",
+                    "Every provider, nn.Linear included, runs under `torch.autocast('cpu', torch.bfloat16)` "
+                    "(`bench_layer.py --dtype autocast_bf16`).",
+                    "",
+                    *autocast,
+                    "",
+                ]
+            lines += [
                 f"## How the ratio moves with M (K = N = 1024, fused / dense; {name})",
                 "",
                 *m_sweep_table(layer_rows, fused),
