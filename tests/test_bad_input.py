@@ -196,7 +196,7 @@ ERRORS = [
     ("convert a meta-device model", lambda: vk.convert(meta_model(), vk.Prune(sparsity=0.5)), ValueError,
      r"0: weight is on the meta device \(not materialized\)"),
     ("finalize while beta > 0", lambda: vk.finalize(model()), ValueError,
-     r"1 of 1 VCON layers still have beta > 0 \(e.g. 0: prune=1\); no vk.VCONScheduler drives these layers"),
+     r"2 of 2 VCON layers still have beta > 0 \(e.g. 0: prune=1\); no vk.VCONScheduler drives these layers"),
     ("finalize twice", lambda: vk.finalize(finalized()), ValueError,
      r"the model has no VCON layers \(already finalized, or never converted\)"),
     ("finalize a dense model", lambda: vk.finalize(nn.Sequential(nn.Linear(2, 2))), ValueError,

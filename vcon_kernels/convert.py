@@ -155,10 +155,11 @@ def convert(model: nn.Module, config: ConfigOrFn, filter_fn: Optional[Callable[[
     read_elsewhere = _weight_read_elsewhere(model)
     replacements, skipped = {}, []
     for name, module in model.named_modules():
-        if filter_fn is not None and not filter_fn(module, name):
-            continue
+        # filter_fn sees only Linear/Conv-like modules (candidates), so it may read .groups & co.
         reason = read_elsewhere.get(id(module)) or _not_convertible(module)
         if reason is None and not isinstance(module, CONVERTIBLE):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
             continue
         cfg = _config_for(config, name, module) if reason is None else None
         if reason is not None:
