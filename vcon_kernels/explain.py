@@ -4,8 +4,8 @@ Example usage::
 
     layer = vk.VCONLinear.from_linear(nn.Linear(512, 256), vk.Prune(sparsity=0.9))
     print(vk.explain(layer, torch.randn(64, 512)))
-    # VCONLinear, prune (Prune(sparsity=0.9, ...)), beta=(prune=1), input (64, 512) float32, weight (256, 512)
-    # float32, computes in float32 on cpu: cpp (avx2): W_eff built in one vectorized pass ...
+    # cpp (avx2): W_eff built in one vectorized pass ... [VCONLinear, prune (Prune(sparsity=0.9, ...)),
+    # beta=(prune=1), input (64, 512) float32, weight (256, 512) float32, computes in float32 on cpu]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _check_shape(layer: VCONLayerBase, shape) -> None:
 
 
 def explain(layer: VCONLayerBase, x) -> str:
-    """A one-line description of how ``layer(x)`` runs: mode, dtypes, backend and kernel strategy.
+    """One line on how ``layer(x)`` runs: backend and kernel strategy, then [mode, beta, dtypes, device].
 
     ``x`` is the input tensor or its shape. Under ``torch.autocast`` the compute dtype is the
     autocast dtype (the layer casts its input; the weight stays in its own dtype).
@@ -62,9 +62,9 @@ def explain(layer: VCONLayerBase, x) -> str:
         f"{str(layer.weight.dtype).replace('torch.', '')}, computes in {str(compute).replace('torch.', '')} "
         f"on {device.type}"
     )
-    if isinstance(layer, VCONConv2d):
-        how = (f"{backend.name}: low rank as conv(x, V) then a 1x1 conv with U, blended with the dense conv"
-               if spec.lowrank else f"{backend.name}: blended weight built once, then one convolution")
+    if isinstance(layer, VCONConv2d) and backend.name != "triton":  # the Triton backend describes convs itself
+        how = (f"{backend.name}: conv2d low rank as conv(x, V) then a 1x1 conv with U, blended with the dense conv"
+               if spec.lowrank else f"{backend.name}: conv2d: blended weight built once, then one convolution")
     else:
         how = backend.explain(shape, (rows, cols), spec, device)
-    return f"{head}: {how}"
+    return f"{how} [{head}]"
