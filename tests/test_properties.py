@@ -148,9 +148,13 @@ def sqnr_db(ref, test):
     return float(20 * torch.log10(ref.norm() / noise))
 
 
-def compare(layer, x, dtype, backend):
-    """Output and every gradient of the fused layer vs ReferenceVCON on the same parameters."""
-    grad_out = torch.randn(*layer_out_shape(layer, x), dtype=torch.float64).to(dtype)
+def compare(layer, x, dtype, backend, gen):
+    """Output and every gradient of the fused layer vs ReferenceVCON on the same parameters.
+
+    Every random tensor comes from ``gen``: drawing ``grad_out`` from the global RNG made an example
+    depend on the tests that ran before it in the worker, and hypothesis replays flaky.
+    """
+    grad_out = torch.randn(*layer_out_shape(layer, x), generator=gen, dtype=torch.float64).to(dtype)
     results = []
     for module, ctx in ((layer, vk.backends.use(backend)), (ReferenceVCON(layer), vk.backends.use("torch"))):
         layer.zero_grad(set_to_none=True)
@@ -196,7 +200,7 @@ def test_linear_matches_reference(backend, setup, batch, seed):
     for stage, beta in zip(layer.stage_names, betas):
         layer.set_beta(beta, stage)
     x = torch.randn(*batch, k, generator=gen, dtype=torch.float64).to(dtype)
-    compare(layer, x, dtype, backend)
+    compare(layer, x, dtype, backend, gen)
 
 
 @st.composite
@@ -241,7 +245,7 @@ def test_conv_matches_reference(backend, setup, seed):
     for stage, beta in zip(layer.stage_names, betas):
         layer.set_beta(beta, stage)
     x = torch.randn(*x_shape, generator=gen, dtype=torch.float64).to(dtype)
-    compare(layer, x, dtype, backend)
+    compare(layer, x, dtype, backend, gen)
 
 
 @settings(max_examples=examples(40), **SETTINGS)
@@ -264,3 +268,21 @@ def test_beta_endpoints(setup, seed):
         assert torch.equal(y_final, y0)
     else:
         check(y_final, y0, dtype if dtype == torch.bfloat16 else torch.float32, "finalized")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lowrank_bf16_cancellation_case_is_stable(backend):
+    """The example that failed only after other tests (issue: order-dependent property test).
+
+    LowRank(rank=1), bf16, N = K = 1, one row, beta 0.21: dx = b dY W + (1 - b) dY U V cancels to
+    ~1e-7, so any difference in beta (the C++ path rounded it to bf16) or in grad_out (drawn from
+    the global RNG) shows. Both fixed: the result must not depend on the global RNG state.
+    """
+    for global_seed in (0, 1, 12345):
+        torch.manual_seed(global_seed)
+        gen = torch.Generator().manual_seed(0)
+        layer = vk.VCONLinear(1, 1, bias=False, config=vk.LowRank(rank=1), dtype=torch.bfloat16)
+        set_weights(layer, torch.bfloat16, gen)
+        layer.set_beta(0.2103633161979222)
+        x = torch.randn(1, 1, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+        compare(layer, x, torch.bfloat16, backend, gen)
