@@ -155,7 +155,8 @@ def test_finalized_storage_is_smaller_and_equal():
     with torch.no_grad():
         y = model(x)
         model = vk.finalize(model)
-        assert torch.equal(model(x), y)
+        # decode-sized batches run the compressed GEMV (FMA, its own summation order): 1e-5
+        torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
     assert vk.storage_bytes(model) < 0.2 * dense_bytes
 
 
@@ -168,7 +169,7 @@ def test_cnn_finalize_round_trip():
     with torch.no_grad():
         y = model(x)
         final = vk.finalize(copy.deepcopy(model))
-        assert torch.equal(final(x), y)
+        torch.testing.assert_close(final(x), y, rtol=1e-5, atol=1e-6)  # decode GEMV at M = 2: 1e-5
     assert vk.storage_bytes(final) < vk.storage_bytes(SmallCNN()) / 4
 
 
