@@ -58,6 +58,7 @@ BACKENDS = native_backends()
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=3e-5)}
 BF16_SQNR_DB = 30.0  # bf16 has 8 mantissa bits (~48 dB per rounding); two roundings apart, small K
+BF16_CANCEL_ATOL = 1e-4
 
 
 # -- strategies --------------------------------------------------------------------------------------
@@ -181,7 +182,10 @@ def layer_out_shape(layer, x):
 
 def check(got, want, dtype, what):
     if dtype == torch.bfloat16:
-        if want.numel() and want.abs().max() > 0:
+        # SQNR is relative to the result: a gradient that cancels to ~1e-7 from O(1) terms (low rank,
+        # beta ~0.2) has a bf16 rounding error far above itself yet tiny against its terms. Such a
+        # result passes on an absolute error below BF16_CANCEL_ATOL (terms here are at most O(1)).
+        if want.numel() and want.abs().max() > 0 and (got.double() - want.double()).abs().max() > BF16_CANCEL_ATOL:
             assert sqnr_db(want, got) >= BF16_SQNR_DB, f"{what}: SQNR {sqnr_db(want, got):.1f} dB"
         assert torch.isfinite(got).all(), what
     else:
@@ -278,6 +282,7 @@ def test_lowrank_bf16_cancellation_case_is_stable(backend):
     ~1e-7, so any difference in beta (the C++ path rounded it to bf16) or in grad_out (drawn from
     the global RNG) shows. Both fixed: the result must not depend on the global RNG state.
     """
+    grads_x = []
     for global_seed in (0, 1, 12345):
         torch.manual_seed(global_seed)
         gen = torch.Generator().manual_seed(0)
@@ -286,3 +291,8 @@ def test_lowrank_bf16_cancellation_case_is_stable(backend):
         layer.set_beta(0.2103633161979222)
         x = torch.randn(1, 1, generator=gen, dtype=torch.float64).to(torch.bfloat16)
         compare(layer, x, torch.bfloat16, backend, gen)
+        xi = x.clone().requires_grad_(True)
+        with vk.backends.use(backend):
+            layer(xi).backward(torch.ones(1, 1, dtype=torch.bfloat16))
+        grads_x.append(xi.grad)
+    assert all(torch.equal(g, grads_x[0]) for g in grads_x), grads_x
