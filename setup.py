@@ -22,7 +22,7 @@ import sys
 from setuptools import setup
 
 CSRC = "csrc"
-BASE_SOURCES = ["module.cpp", "ops.cpp", "linear.cpp", "select.cpp", "kernels_default.cpp"]
+BASE_SOURCES = ["module.cpp", "ops.cpp", "linear.cpp", "autograd.cpp", "select.cpp", "kernels_default.cpp"]
 AVX2_SOURCE = "kernels_avx2.cpp"
 COMMON_FLAGS = [
     "-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-DCPU_CAPABILITY=DEFAULT",

@@ -12,7 +12,7 @@
 //
 // Low rank (no weight transform): with G = dY^T X and t = x V^T,
 //   y  = b x W^T + (1-b) t U^T + bias,      dx = b dY W + (1-b) (dY U) V,
-//   dW = G (STE) or b G (exact),  dU = (1-b) dY^T t = (1-b) G V^T,  dV = (1-b) (dY U)^T x = (1-b) U^T G.
+//   dW = G (STE, 0 at b = 0) or b G (exact),  dU = (1-b) dY^T t = (1-b) G V^T,  dV = (1-b) (dY U)^T x = (1-b) U^T G.
 // Two ways to run it, picked per call by FLOP count:
 //   weight space:     W_eff = b W + (1-b) U V into the workspace (N K r, in cache-sized row
 //                     blocks: one read of W, one write) and one dense GEMM; backward
@@ -201,7 +201,7 @@ std::vector<at::Tensor> lowrank_backward(const at::Tensor& dy, const at::Tensor&
   if (b == 0.0) {  // the finalized pair, as nn.Sequential(Linear(K, r), Linear(r, N)) computes it
     const at::Tensor gu = (need_x || need_lr) ? dy.mm(u) : at::Tensor();
     if (need_x) dx = gu.mm(v);
-    if (need_w) dw = spec.exact ? at::zeros_like(weight) : dy.t().mm(x);
+    if (need_w) dw = at::zeros_like(weight);  // the dense path is stopped: W no longer affects y
     if (need_lr) {
       du = dy.t().mm(at::linear(x, v));
       dv = gu.t().mm(x);

@@ -4,13 +4,14 @@
 // not a public API. Every call releases the GIL while it computes.
 #include <torch/extension.h>
 
+#include "autograd.h"
 #include "ops.h"
 #include "select.h"
 
 namespace {
 
 // Bumped whenever a binding changes: cpp_backend.py refuses (and falls back from) a stale build.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 vcon::Spec make_spec(int prune, double sparsity, bool per_row, int nm_n, int nm_m, int bits, int64_t group_size,
                      bool exact, bool lowrank) {
@@ -54,6 +55,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_forward", &vcon::linear_forward, release(), "the blended linear layer", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("beta"), py::arg("threshold"), py::arg("scales"),
         py::arg("mask"), py::arg("u"), py::arg("v"), py::arg("spec"));
+  m.def("linear_autograd", &vcon::linear_autograd, release(),
+        "the blended linear layer with its autograd node in C++ (eager fast path)", py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("beta"), py::arg("threshold"), py::arg("scales"), py::arg("mask"), py::arg("u"),
+        py::arg("v"), py::arg("spec"));
   m.def("linear_backward", &vcon::linear_backward, release(), "(dx, dW, db, dU, dV), None where not needed",
         py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("beta"), py::arg("threshold"),
         py::arg("scales"), py::arg("mask"), py::arg("u"), py::arg("v"), py::arg("spec"), py::arg("needs"));

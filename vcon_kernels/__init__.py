@@ -13,6 +13,7 @@ Example usage::
 from . import backends
 from . import functional
 from . import library  # noqa: F401  (registers torch.ops.vcon)
+from . import state_cache
 from .compressed import CompressedConv2d
 from .compressed import CompressedLinear
 from .compressed import LowRankConv2d
@@ -32,6 +33,10 @@ from .functional import VCONState
 from .modules import VCONConv2d
 from .modules import VCONLinear
 from .scheduler import VCONScheduler
+from .state_cache import refresh as refresh_state
+
+# Every optimizer step starts a new generation of cached layer state (state_cache.py).
+state_cache.install_optimizer_hook()
 
 __version__ = "0.1.0"
 
@@ -41,9 +46,9 @@ __all__ = [
     # layers and state
     "VCONConv2d", "VCONLinear", "VCONState",
     # model-level
-    "VCONScheduler", "convert", "explain", "finalize", "refresh_masks", "storage_bytes", "vcon_layers",
+    "VCONScheduler", "convert", "explain", "finalize", "refresh_masks", "refresh_state", "storage_bytes", "vcon_layers",
     # finalized layers
     "CompressedConv2d", "CompressedLinear", "LowRankConv2d", "LowRankLinear",
     # submodules
-    "backends", "functional",
+    "backends", "functional", "state_cache",
 ]

@@ -55,6 +55,38 @@ def eligible(t, device_type: str) -> bool:
     )
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the layer ops' autocast kernel casts it: to the autocast dtype when autocast is on."""
+    device_type = x.device.type
+    if is_autocast_on(device_type) and eligible(x, device_type):
+        dtype = autocast_dtype(device_type)
+        if x.dtype != dtype:
+            return x.to(dtype)
+    return x
+
+
+_ALL_AUTOCAST = None
+
+
+def autocast_off():
+    """A guard that switches every autocast key off (what the ops' autocast kernels do around the op).
+
+    Entered only when autocast is on somewhere: without it the keys are not in the dispatch set.
+    """
+    global _ALL_AUTOCAST
+    if _ALL_AUTOCAST is None:
+        keys = [getattr(torch._C.DispatchKey, k) for k in _AUTOCAST_KEYS.values() if hasattr(torch._C.DispatchKey, k)]
+        keyset = torch._C.DispatchKeySet(keys[0])
+        for key in keys[1:]:
+            keyset = keyset | torch._C.DispatchKeySet(key)
+        _ALL_AUTOCAST = keyset
+    return torch._C._ExcludeDispatchKeyGuard(_ALL_AUTOCAST)
+
+
+def any_autocast_on() -> bool:
+    return any(is_autocast_on(d) for d in _AUTOCAST_KEYS)
+
+
 def _library(namespace: str) -> torch.library.Library:
     if namespace not in _libraries:
         _libraries[namespace] = torch.library.Library(namespace, "FRAGMENT")
@@ -88,4 +120,5 @@ def register_autocast(qualname: str, cast_args: Sequence[int]) -> None:
         _library(namespace).impl(name, kernel, key_name, with_keyset=True)
 
 
-__all__ = ["autocast_dtype", "eligible", "is_autocast_on", "register_autocast"]
+__all__ = ["any_autocast_on", "autocast_dtype", "autocast_input", "autocast_off", "eligible", "is_autocast_on",
+           "register_autocast"]

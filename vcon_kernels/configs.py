@@ -221,7 +221,10 @@ class Quantize(VCONConfig):
         return {"channel": in_features, "group": self.group_size, "tensor": 0}[self.granularity]
 
     def spec(self, out_features, in_features, stored_mask=False):
-        return TransformSpec(bits=self.bits, group_size=self.group_for(in_features), exact=self.grad == "exact")
+        # exact=False for either grad: with online absmax scales R = 1 everywhere, so the exact
+        # coefficient beta + (1 - beta) R is 1 and the kernels would spend a pass over W multiplying
+        # dW by it. (Composed with pruning the prune coefficient remains; Compose.spec keeps exact.)
+        return TransformSpec(bits=self.bits, group_size=self.group_for(in_features), exact=False)
 
 
 @dataclass(frozen=True)
@@ -235,7 +238,11 @@ class LowRank(VCONConfig):
     min(N, K)))).
 
     Gradients: dU = (1-beta) dY^T t, dV = (1-beta) (dY U)^T x with t = x V^T; dW = dY^T x
-    with ``grad="ste"`` and beta * dY^T x with ``grad="exact"``.
+    with ``grad="ste"`` and beta * dY^T x with ``grad="exact"``. Once beta = 0 the dense path is
+    stopped in both modes, as in the authors' reference: dW = 0 (W no longer affects the output;
+    on CPU the dW GEMM is skipped). A zero gradient, not None, so DDP and FSDP see every
+    parameter; AdamW's weight decay and momentum still move W, which only matters if beta is
+    raised again (freeze it with ``layer.weight.requires_grad_(False)`` to skip the optimizer too).
 
     Example usage::
 

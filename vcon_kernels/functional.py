@@ -7,7 +7,9 @@
 
 as one ``torch.ops.vcon.linear`` call (plus one ``vcon::compute_state`` call for the
 reductions a threshold or quantization scales need), with autograd. See ``spec.py`` for
-the exact formulas and ``library.py`` for the ops.
+the exact formulas and ``library.py`` for the ops. In eager mode on plain tensors the same
+implementation runs without the op dispatcher (``eager.py``); the layers also cache their
+state between weight updates (``state_cache.py``), which these stateless functions cannot.
 
 Example usage::
 
@@ -25,6 +27,7 @@ from typing import Union
 
 import torch
 
+from . import eager
 from . import library  # noqa: F401  (registers torch.ops.vcon)
 from .autocast import eligible
 from .autocast import is_autocast_on
@@ -116,12 +119,39 @@ def layer_spec(config: VCONConfig, weight2d_shape, state: VCONState) -> Transfor
     return config.spec(rows, cols, stored_mask=state.mask is not None)
 
 
+def needs_state(spec: TransformSpec) -> bool:
+    """Whether the layer needs a threshold or scales (reductions over W) before its GEMM."""
+    return spec.prune == PRUNE_THRESHOLD or spec.has_quant
+
+
 def layer_state(weight2d: Tensor, beta: Tensor, spec: TransformSpec, mask: Optional[Tensor]):
     """(threshold, scales) of the current weight; empty tensors when the spec needs none."""
-    if spec.prune == PRUNE_THRESHOLD or spec.has_quant:
+    if needs_state(spec):
+        if eager.can_run(weight2d, beta, mask):
+            return eager.compute_state(weight2d, beta, mask, spec)
         return torch.ops.vcon.compute_state(weight2d.detach(), beta, mask, *spec.as_args())
     empty = weight2d.new_empty(0, dtype=torch.float32)
     return empty, empty
+
+
+def linear_call(x, weight, bias, beta, threshold, scales, state: VCONState, spec: TransformSpec) -> Tensor:
+    """The blended linear op on prepared arguments: the eager fast path where it applies, else the op."""
+    mask, u, v = state
+    if eager.can_run(x, weight, bias, beta, mask, u, v):
+        return eager.linear(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
+    return torch.ops.vcon.linear(x, weight, bias, beta, threshold, scales, mask, u, v, *spec.as_args())
+
+
+def conv2d_call(x, weight, bias, beta, threshold, scales, state: VCONState, spec: TransformSpec,
+                conv_args) -> Tensor:
+    """The blended conv op on prepared arguments; ``conv_args`` = (stride, padding, dilation, groups) lists."""
+    mask, u, v = state
+    if eager.can_run(x, weight, bias, beta, mask, u, v):
+        return eager.conv2d(x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args)
+    stride, padding, dilation, groups = conv_args
+    return torch.ops.vcon.conv2d(
+        x, weight, bias, beta, threshold, scales, mask, u, v, stride, padding, dilation, groups, *spec.as_args()
+    )
 
 
 def _prepare(weight2d_shape, weight, beta, config, state):
@@ -153,9 +183,7 @@ def vcon_linear(
     check_inputs(x, weight, weight.shape[1])
     spec, beta_t, threshold, scales, state = _prepare(weight.shape, weight, beta, config, state)
     _check_lowrank(spec, state, "vcon_linear")
-    return torch.ops.vcon.linear(
-        x, weight, bias, beta_t, threshold, scales, state.mask, state.lowrank_u, state.lowrank_v, *spec.as_args()
-    )
+    return linear_call(x, weight, bias, beta_t, threshold, scales, state, spec)
 
 
 def vcon_conv2d(
@@ -182,11 +210,14 @@ def vcon_conv2d(
     rows = weight.shape[0]
     spec, beta_t, threshold, scales, state = _prepare((rows, weight[0].numel()), weight, beta, config, state)
     _check_lowrank(spec, state, "vcon_conv2d")
+    return conv2d_call(x, weight, bias, beta_t, threshold, scales, state, spec,
+                       conv_arguments(stride, padding, dilation, groups))
+
+
+def conv_arguments(stride, padding, dilation, groups) -> tuple:
+    """(stride, padding, dilation, groups) as the conv op takes them: three int lists and an int."""
     pair = torch.nn.modules.utils._pair
-    return torch.ops.vcon.conv2d(
-        x, weight, bias, beta_t, threshold, scales, state.mask, state.lowrank_u, state.lowrank_v,
-        list(pair(stride)), list(pair(padding)), list(pair(dilation)), int(groups), *spec.as_args(),
-    )
+    return list(pair(stride)), list(pair(padding)), list(pair(dilation)), int(groups)
 
 
 def blended_weight(

@@ -143,15 +143,35 @@ register_autograd("vcon::blend_weight", _blend_backward, setup_context=_blend_se
 _LINEAR_ARGS = f"Tensor x, Tensor weight, Tensor? bias, {STATE_SCHEMA}, Tensor? u, Tensor? v, {SPEC_SCHEMA}"
 
 
-@custom_op("vcon::linear", mutates_args=(), schema=f"({_LINEAR_ARGS}) -> Tensor")
-def linear(x, weight, bias, beta, threshold, scales, mask, u, v, *spec_args):
+# The op bodies are plain functions (``*_impl``, taking a TransformSpec) so that the eager fast
+# path (eager.py) runs exactly the code the ops run.
+def linear_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec) -> Tensor:
     backend = backends.select(weight.device.type)
+    if x.dim() == 2:  # the common case, without the reshape round trip
+        return backend.linear_forward(x, weight, bias, beta, threshold, scales, mask, u, v, spec).contiguous()
     x2 = x.reshape(-1, x.shape[-1])
-    y = backend.linear_forward(x2, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args))
+    y = backend.linear_forward(x2, weight, bias, beta, threshold, scales, mask, u, v, spec)
     # Not a view (a reshape would be one): autograd forbids in-place ops on a view made inside a
     # custom Function (nn.ReLU(inplace=True), `y += residual` after the layer), and FSDP2 drops its
     # pre-backward hook on one. _unsafe_view is how aten.matmul returns N-D results for this reason.
     return torch.ops.aten._unsafe_view(y.contiguous(), (*x.shape[:-1], weight.shape[0]))
+
+
+def linear_backward_impl(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs):
+    """(dx, dW, db, dU, dV); an empty tensor for each gradient ``needs`` does not ask for."""
+    backend = backends.select(weight.device.type)
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dx, dw, db, du, dv = backend.linear_backward(
+        g2, x2, weight, bias, beta, threshold, scales, mask, u, v, spec, tuple(needs)
+    )
+    dx = None if dx is None else dx.reshape(x.shape)
+    return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight), _or_empty(du, weight), _or_empty(dv, weight)
+
+
+@custom_op("vcon::linear", mutates_args=(), schema=f"({_LINEAR_ARGS}) -> Tensor")
+def linear(x, weight, bias, beta, threshold, scales, mask, u, v, *spec_args):
+    return linear_impl(x, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args))
 
 
 @linear.register_fake
@@ -166,14 +186,8 @@ def _(x, weight, bias, beta, threshold, scales, mask, u, v, *spec_args):
 )
 def linear_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
     *spec_args, needs = rest
-    backend = backends.select(weight.device.type)
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-    dx, dw, db, du, dv = backend.linear_backward(
-        g2, x2, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args), tuple(needs)
-    )
-    dx = None if dx is None else dx.reshape(x.shape)
-    return _or_empty(dx, x), _or_empty(dw, weight), _or_empty(db, weight), _or_empty(du, weight), _or_empty(dv, weight)
+    spec = TransformSpec(*spec_args)
+    return linear_backward_impl(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs)
 
 
 @linear_backward.register_fake
@@ -262,11 +276,22 @@ def _split_conv(rest):
 @custom_op("vcon::conv2d", mutates_args=(), schema=f"({_CONV_ARGS}) -> Tensor")
 def conv2d(x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
     conv_args, spec_args = _split_conv(rest)
+    return conv2d_impl(x, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args), conv_args)
+
+
+def conv2d_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec, conv_args) -> Tensor:
     backend = backends.select(weight.device.type)
-    y = backend.conv2d_forward(
-        x, weight, bias, beta, threshold, scales, mask, u, v, TransformSpec(*spec_args), conv_args
-    )
+    y = backend.conv2d_forward(x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args)
     return y.contiguous(memory_format=_format_of(x))
+
+
+def conv2d_backward_impl(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, needs):
+    backend = backends.select(weight.device.type)
+    dx, dw, db, du, dv = backend.conv2d_backward(
+        grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, tuple(needs)
+    )
+    dx = _or_empty(dx, x, _format_of(x))
+    return dx, _or_empty(dw, weight), _or_empty(db, weight), _or_empty(du, weight), _or_empty(dv, weight)
 
 
 @conv2d.register_fake
@@ -287,13 +312,8 @@ def _(x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
 def conv2d_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, *rest):
     *rest, needs = rest
     conv_args, spec_args = _split_conv(rest)
-    backend = backends.select(weight.device.type)
     spec = TransformSpec(*spec_args)
-    dx, dw, db, du, dv = backend.conv2d_backward(
-        grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, tuple(needs)
-    )
-    dx = _or_empty(dx, x, _format_of(x))
-    return dx, _or_empty(dw, weight), _or_empty(db, weight), _or_empty(du, weight), _or_empty(dv, weight)
+    return conv2d_backward_impl(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, needs)
 
 
 @conv2d_backward.register_fake

@@ -130,7 +130,9 @@ def _blend(layer_fn, x, weight, bias, beta, config, state):
         (b,) = betas
         u, v = state.lowrank_u, state.lowrank_v
         y = b * layer_fn(x, weight) + (1 - b) * layer_fn(layer_fn(x, v), u, lowrank_second=True)
-        if config.grad == "ste":  # zero-valued term: W also gets (1 - b) dY^T X
+        # STE: a zero-valued term gives W also (1 - b) dY^T X; at b = 0 the dense path is stopped
+        # (W no longer affects y and gets a zero gradient, as in the authors' reference).
+        if config.grad == "ste" and b != 0:
             dense = layer_fn(x.detach(), weight)
             y = y + (1 - b) * (dense - dense.detach())
     else:

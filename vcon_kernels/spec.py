@@ -41,7 +41,8 @@ Keep-mask kinds:
 Gradient (``exact``): with STE (``exact=False``) dW = G = dY^T X. With ``exact=True``,
 dW = G * (prune coef) * (quant coef) where prune coef = ``where(M, 1, beta_p)`` and quant
 coef = ``beta_q + (1 - beta_q) * R``, R = ``qmin <= round(W1/s') <= qmax`` (1 for binary);
-for low rank dW = beta * G.
+for low rank dW = beta * G. Low rank at beta = 0 has dW = 0 in both modes (the dense path is
+stopped once it no longer affects the output).
 """
 
 from __future__ import annotations

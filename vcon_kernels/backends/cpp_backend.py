@@ -36,7 +36,7 @@ from ..transforms import kept_count
 from .torch_backend import TorchBackend
 
 # The extension's binding version this module is written for (csrc/module.cpp kAbiVersion).
-ABI_VERSION = 1
+ABI_VERSION = 2
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
 
 try:
@@ -94,6 +94,10 @@ class CppBackend(TorchBackend):
     # -- linear -----------------------------------------------------------------------------
     def linear_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec):
         return _C.linear_forward(x, weight, bias, beta, threshold, scales, mask, u, v, _cpp_spec(spec))
+
+    def linear_autograd(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec):
+        """The eager layer with its autograd node in C++ (csrc/autograd.cpp): no Python in backward."""
+        return _C.linear_autograd(x, weight, bias, beta, threshold, scales, mask, u, v, _cpp_spec(spec))
 
     def linear_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs):
         return tuple(

@@ -36,6 +36,26 @@ def to_dtype(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def dense_stopped(b: Tensor) -> bool:
+    """Whether low rank's beta is 0 as far as the host knows without a sync (CPU: read; else False)."""
+    return b.device.type == "cpu" and float(b) == 0.0
+
+
+def lowrank_weight_grad(make_g, weight, b: Tensor, exact: bool) -> Tensor:
+    """dW of a low-rank layer from ``make_g() = G = dY^T X``: ``b G`` (exact) or ``G`` (STE) while
+    beta > 0, and zero once beta = 0: the dense path is stopped, as in the authors' reference
+    (W no longer affects the output). Zero, not None, so that DDP / FSDP see every gradient and a
+    compiled graph needs no beta-dependent branch. On CPU the GEMM is skipped at beta = 0.
+    """
+    if b.device.type == "cpu":
+        if float(b) == 0.0:
+            return torch.zeros_like(weight)
+        g = make_g()
+        return g.mul_(b) if exact else g
+    g = make_g()  # no host sync on an accelerator: zero it on the device
+    return g.mul_(b) if exact else g.mul_(b != 0)
+
+
 class TorchBackend:
     name = "torch"
 
@@ -106,8 +126,7 @@ class TorchBackend:
         if need_x:
             dx = (grad_out @ w_c).mul_(b).add_((gu @ v_c).mul_(1 - b))
         if need_w:
-            g = to_dtype(grad_out.t() @ x, pdt)
-            dw = g.mul_(b) if spec.exact else g
+            dw = lowrank_weight_grad(lambda: to_dtype(grad_out.t() @ x, pdt), weight, b, spec.exact)
         if need_b:
             db = to_dtype(grad_out.sum(0), pdt)
         if need_lr:
@@ -152,13 +171,13 @@ class TorchBackend:
             return dx, dw, db, None, None
         b = beta[0]
         u_c, v_c = to_dtype(u, cdt), to_dtype(v, cdt)
-        dx, g, _ = backward_of(grad_out, x, to_dtype(weight, cdt), [need_x, need_w, False])
+        gemm_w = need_w and not dense_stopped(b)
+        dx, g, _ = backward_of(grad_out, x, to_dtype(weight, cdt), [need_x, gemm_w, False])
         if dx is not None:
             dx = dx.mul_(b)
         dw = None
         if need_w:
-            g = to_dtype(g, weight.dtype)
-            dw = g.mul_(b) if spec.exact else g
+            dw = lowrank_weight_grad(lambda: to_dtype(g, weight.dtype), weight, b, spec.exact)
         du = dv = None
         if need_x or need_lr:
             t = F.conv2d(x, v_c, None, stride, padding, dilation, groups)

@@ -111,9 +111,12 @@ class TritonBackend(TorchBackend):
         if not self._runs(weight) or x.shape[0] == 0:
             return super().linear_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs)
         self._log("backward", x.shape[0], weight.shape, spec, x.dtype)
-        return self._ops.linear_backward.linear_backward(
+        grads = self._ops.linear_backward.linear_backward(
             grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs
         )
+        if spec.lowrank and not spec.exact and grads[1] is not None:
+            grads[1].mul_(beta[0] != 0)  # STE's dW is 0 once beta = 0 (torch_backend.lowrank_weight_grad)
+        return grads
 
     # -- introspection -----------------------------------------------------------------------------------
     def _log(self, what, m, weight_shape, spec, dtype):

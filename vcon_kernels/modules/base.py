@@ -17,11 +17,13 @@ State kept per layer:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .. import state_cache
 from .. import transforms
 from ..configs import LowRank
 from ..configs import VCONConfig
@@ -30,6 +32,7 @@ from ..functional import VCONState
 from ..functional import blended_weight
 from ..functional import check_beta_value
 from ..functional import layer_state
+from ..functional import needs_state
 from ..packing import pack_mask
 
 try:
@@ -72,6 +75,9 @@ class VCONLayerBase(nn.Module):
 
     config: VCONConfig
     mask: Optional[torch.Tensor]
+    # Per-call caches (plain attributes, never in the state dict; see call_spec / call_state).
+    _spec_cache = None
+    _vcon_state_cache = None
 
     def _init_vcon_state(self, config: VCONConfig) -> None:
         """Called once the layer has ``weight`` (and ``bias``); builds beta, mask, U and V."""
@@ -92,11 +98,55 @@ class VCONLayerBase(nn.Module):
 
     @property
     def state(self) -> VCONState:
-        return VCONState(self.mask, getattr(self, "lowrank_u", None), getattr(self, "lowrank_v", None))
+        # Straight from the registries: getattr on a missing name goes through nn.Module.__getattr__'s
+        # AttributeError path, which costs more than the rest of a small layer's forward.
+        params = self._parameters
+        return VCONState(self._buffers.get("mask"), params.get("lowrank_u"), params.get("lowrank_v"))
 
     def spec(self):
         rows, cols = self.weight_2d().shape
         return self.config.spec(rows, cols, stored_mask=self.mask is not None)
+
+    # -- per-call arguments, cached between the changes that invalidate them ---------------------
+    def call_spec(self):
+        """``spec()``, rebuilt only when the config, the weight shape or the mask presence changes."""
+        config, shape, has_mask = self.config, self.weight.shape, self._buffers.get("mask") is not None
+        cached = self._spec_cache
+        if cached is not None and cached[0] is config and cached[1] == shape and cached[2] == has_mask:
+            return cached[3]
+        spec = config.spec(shape[0], math.prod(shape[1:]), stored_mask=has_mask)
+        self._spec_cache = (config, shape, has_mask, spec)
+        return spec
+
+    def call_state(self, spec):
+        """(threshold, scales) for this call: the cached ones while W, beta and the mask are unchanged.
+
+        See ``state_cache.py`` for the key and what it cannot see.
+        """
+        weight, buffers = self.weight, self._buffers
+        beta, mask = buffers["beta"], buffers.get("mask")
+        cached = self._vcon_state_cache
+        if not needs_state(spec):
+            if cached is None or cached[0] != weight.device:
+                empty = torch.empty(0, dtype=torch.float32, device=weight.device)
+                cached = self._vcon_state_cache = (weight.device, empty, empty, None)
+            return cached[1], cached[2]
+        # Training calls only (grad mode on, module in train mode): micro-batches and checkpoint
+        # recomputes reuse the state; eval and no-grad calls, after which weights are edited
+        # through .data (PEFT's merge, zeroth-order updates), recompute it.
+        key = state_cache.key(weight, beta, mask) if (self.training and torch.is_grad_enabled()) else None
+        if key is not None and cached is not None and cached[0] == key and cached[3] is spec:
+            return cached[1], cached[2]
+        threshold, scales = layer_state(self.weight_2d(), beta, spec, mask)
+        self._vcon_state_cache = None if key is None else (key, threshold, scales, spec)
+        return threshold, scales
+
+    def _drop_call_caches(self) -> None:
+        self._spec_cache = self._vcon_state_cache = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_call_caches()
+        super()._load_from_state_dict(*args, **kwargs)
 
     # -- beta ------------------------------------------------------------------------------------
     def _stage_index(self, stage: Optional[str]) -> Optional[int]:
@@ -125,6 +175,7 @@ class VCONLayerBase(nn.Module):
         return float(self.beta[index])
 
     def _apply(self, fn, recurse=True):
+        self._drop_call_caches()
         beta = self.beta
         super()._apply(fn, recurse)
         if self.beta.dtype != torch.float32:
@@ -159,6 +210,7 @@ class VCONLayerBase(nn.Module):
         """
         if not hasattr(self, "config"):  # nn.Module.__init__ of a subclass, before _init_vcon_state
             return
+        self._drop_call_caches()
         self.refresh_mask()
         if getattr(self, "lowrank_u", None) is not None:
             u, v = self.lowrank_u, self.lowrank_v

@@ -20,6 +20,9 @@ from torch.nn.modules.utils import _pair
 
 from ..configs import LowRank
 from ..configs import VCONConfig
+from ..functional import check_inputs
+from ..functional import conv2d_call
+from ..functional import conv_arguments
 from ..functional import vcon_conv2d
 from .base import VCONLayerBase
 from .base import check_config
@@ -95,8 +98,16 @@ class VCONConv2d(VCONLayerBase, nn.Conv2d):
         if self._input_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._input_pad, mode=mode)
-        return vcon_conv2d(x, self.weight, self.bias, self.beta, self.config, self.state,
-                           self.stride, self._conv_padding, self.dilation, self.groups)
+        if torch.compiler.is_compiling():  # the graph computes state itself (the caches are eager-only)
+            return vcon_conv2d(x, self.weight, self.bias, self.beta, self.config, self.state,
+                               self.stride, self._conv_padding, self.dilation, self.groups)
+        if x.dim() != 4:
+            raise ValueError(f"vcon_conv2d: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        check_inputs(x, self.weight, self.in_channels, "vcon_conv2d", dim=1, what="channel")
+        spec = self.call_spec()
+        threshold, scales = self.call_state(spec)
+        conv_args = conv_arguments(self.stride, self._conv_padding, self.dilation, self.groups)
+        return conv2d_call(x, self.weight, self.bias, self.beta, threshold, scales, self.state, spec, conv_args)
 
     def reset_parameters(self) -> None:
         nn.Conv2d.reset_parameters(self)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..configs import VCONConfig
+from ..functional import check_inputs
+from ..functional import linear_call
 from ..functional import vcon_linear
 from .base import VCONLayerBase
 from .base import check_config
@@ -70,7 +72,12 @@ class VCONLinear(VCONLayerBase, nn.Linear):
         return (self.out_features, rank), (rank, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return vcon_linear(x, self.weight, self.bias, self.beta, self.config, self.state)
+        if torch.compiler.is_compiling():  # the graph computes state itself (the caches are eager-only)
+            return vcon_linear(x, self.weight, self.bias, self.beta, self.config, self.state)
+        check_inputs(x, self.weight, self.in_features)
+        spec = self.call_spec()
+        threshold, scales = self.call_state(spec)
+        return linear_call(x, self.weight, self.bias, self.beta, threshold, scales, self.state, spec)
 
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
