@@ -149,7 +149,8 @@ def main(argv=None) -> int:
         if "decode" in scenarios:
             for m in (1, 16):
                 stats = measure_interleaved(decode_fns(compression, m), rounds=args.rounds)
-                print(f"decode   {compression:14s} M={m:<3d} 1024x1024 no_grad: dense {stats['dense']['median']:7.3f} ms  "
+                d = stats["dense"]["median"]
+                print(f"decode   {compression:14s} M={m:<3d} 1024x1024 no_grad: dense {d:7.3f} ms  "
                       f"vcon {stats['vcon']['median']:7.3f} ms  ratio {stats['vcon']['ratio_to_dense']:.3f}")
                 add("hotpath_decode", "vcon", "forward", f"{m}x1024x1024", stats["vcon"])
                 add("hotpath_decode", "dense", "forward", f"{m}x1024x1024", stats["dense"])
