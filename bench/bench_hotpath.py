@@ -27,6 +27,7 @@ import copy
 
 import torch
 from bench_common import BETA
+from bench_common import CLOCKS
 from bench_common import COMPRESSIONS
 from bench_common import RESULTS_CSV
 from bench_common import TARGET_COMPRESSIONS
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
                         help=f"comma list of {tuple(COMPRESSIONS)}")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                        help="wall time (default) or process CPU time (robust on a busy machine; use --threads 1)")
     parser.add_argument("--csv", default=RESULTS_CSV)
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     meta = dict(device=device_name("cpu"), version=version_string(), date=now(), threads=threads, rounds=args.rounds)
-    print(f"# {meta['device']}; {meta['version']}; {threads} threads; {args.rounds} interleaved rounds")
+    print(f"# {meta['device']}; {meta['version']}; {threads} threads; {args.rounds} interleaved rounds; "
+          f"{args.clock} clock")
     rows = []
 
     def add(op, provider, mode, shape, stats, unit="ms"):
@@ -134,21 +138,21 @@ def main(argv=None) -> int:
             fns = overhead_fns(compression)
             for mode in ("forward", "full"):
                 pair = {"dense": fns[f"dense_{mode}"], "vcon": fns[f"vcon_{mode}"]}
-                stats = measure_interleaved(pair, rounds=args.rounds, warmup=20, min_time_s=0.05)
+                stats = measure_interleaved(pair, rounds=args.rounds, warmup=20, min_time_s=0.05, clock=args.clock)
                 d, v = stats["dense"]["median"] * 1e3, stats["vcon"]["median"] * 1e3
                 print(f"overhead {compression:14s} {mode:8s} M=1 64->32: dense {d:7.1f} us  vcon {v:7.1f} us  "
                       f"+{v - d:6.1f} us")
                 add("hotpath_overhead", "vcon", mode, "1x64x32", stats["vcon"])
                 add("hotpath_overhead", "dense", mode, "1x64x32", stats["dense"])
         if "accum" in scenarios:
-            stats = measure_interleaved(accum_fns(compression), rounds=args.rounds)
+            stats = measure_interleaved(accum_fns(compression), rounds=args.rounds, clock=args.clock)
             print(f"accum    {compression:14s} 4 x M=256 1024x1024 + AdamW: dense {stats['dense']['median']:7.2f} ms  "
                   f"vcon {stats['vcon']['median']:7.2f} ms  ratio {stats['vcon']['ratio_to_dense']:.3f}")
             add("hotpath_accum", "vcon", "full", "4x256x1024x1024", stats["vcon"])
             add("hotpath_accum", "dense", "full", "4x256x1024x1024", stats["dense"])
         if "decode" in scenarios:
             for m in (1, 16):
-                stats = measure_interleaved(decode_fns(compression, m), rounds=args.rounds)
+                stats = measure_interleaved(decode_fns(compression, m), rounds=args.rounds, clock=args.clock)
                 d = stats["dense"]["median"]
                 print(f"decode   {compression:14s} M={m:<3d} 1024x1024 no_grad: dense {d:7.3f} ms  "
                       f"vcon {stats['vcon']['median']:7.3f} ms  ratio {stats['vcon']['ratio_to_dense']:.3f}")
