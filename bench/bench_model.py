@@ -51,8 +51,9 @@ from vcon_kernels.reference import ReferenceVCON  # noqa: E402
 
 DEFAULT_COMPRESSIONS = ("prune_layer", "int8_channel", "binary_tensor", "lowrank_r64")
 DEFAULT_PROVIDERS = ("dense", "naive", "fused")
-# lora: the VCON model frozen under PEFT LoRA adapters; dense_lora: plain LoRA on the dense model.
-PROVIDERS = DEFAULT_PROVIDERS + ("lora", "dense_lora")
+# lora: the VCON model frozen under PEFT LoRA adapters; dense_lora: plain LoRA on the dense model;
+# finalized: the VCON model after vk.finalize (what training at beta = 0 should cost at most).
+PROVIDERS = DEFAULT_PROVIDERS + ("lora", "dense_lora", "finalized")
 
 
 class Block(nn.Module):
@@ -93,7 +94,9 @@ def build(provider: str, compression: str, args, seed: int = 0):
     if provider not in ("dense", "dense_lora"):
         model = vk.convert(model, COMPRESSIONS[compression](), filter_fn=lambda mod, name: not name.endswith("head"))
         for layer in vk.vcon_layers(model):
-            (layer[1] if isinstance(layer, tuple) else layer).set_beta(0.5)
+            (layer[1] if isinstance(layer, tuple) else layer).set_beta(args.beta)
+    if provider == "finalized":
+        model = vk.finalize(model)
     if provider == "naive":
         for block in model.blocks:
             for name in ("qkv", "proj", "fc1", "fc2"):
@@ -195,7 +198,7 @@ def measure_memory(provider: str, compression: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", provider, "--compressions", compression,
            "--device", args.device, "--memory-steps", str(args.memory_steps), "--layers", str(args.layers),
            "--batch", str(args.batch), "--seq", str(args.seq), "--d", str(args.d), "--mlp", str(args.mlp),
-           "--heads", str(args.heads), "--lora-rank", str(args.lora_rank)]
+           "--heads", str(args.heads), "--lora-rank", str(args.lora_rank), "--beta", str(args.beta)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -211,6 +214,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
                         help="comma list of dense,naive,fused,lora (frozen VCON base + LoRA),dense_lora")
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the lora providers")
+    parser.add_argument("--beta", type=float, default=0.5,
+                        help="beta of every VCON layer (0 = after the transition; compare with 'finalized')")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved timed steps per provider")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=3, help="steps in each memory subprocess")
@@ -245,7 +250,7 @@ def main(argv=None) -> int:
     shape = f"{args.layers}x(b{args.batch}xs{args.seq}xd{args.d}xmlp{args.mlp})"
     version, date, dev = version_string(), now(), device_name(args.device)
     backend = vk.backends.select(args.device).name
-    print(f"# {args.layers}-layer stack, {shape}, fp32 training step (AdamW), beta 0.5; fused backend: {backend}")
+    print(f"# {args.layers}-layer stack, {shape}, fp32 training step (AdamW), beta {args.beta}; fused backend: {backend}")
     print(f"# {dev}; {version}; {args.rounds} interleaved rounds; {args.clock} clock", flush=True)
     rows = []
     mem_dense = None
@@ -253,6 +258,9 @@ def main(argv=None) -> int:
         mem_dense = measure_memory("dense", args.compressions[0], args)
     for compression in args.compressions:
         stats = time_steps(compression, args)
+        if "fused" in stats and "finalized" in stats:
+            print(f"{compression:14s} fused / finalized step (medians): "
+                  f"{stats['fused']['median'] / stats['finalized']['median']:.3f}")
         for p in args.providers:
             s = stats[p]
             line = f"{compression:14s} {p:10s} step {s['median']:9.1f} ms  ({s['ratio_to_dense']:.3f}x dense)"
