@@ -250,7 +250,8 @@ def main(argv=None) -> int:
     shape = f"{args.layers}x(b{args.batch}xs{args.seq}xd{args.d}xmlp{args.mlp})"
     version, date, dev = version_string(), now(), device_name(args.device)
     backend = vk.backends.select(args.device).name
-    print(f"# {args.layers}-layer stack, {shape}, fp32 training step (AdamW), beta {args.beta}; fused backend: {backend}")
+    print(f"# {args.layers}-layer stack, {shape}, fp32 training step (AdamW), beta {args.beta}; "
+          f"fused backend: {backend}")
     print(f"# {dev}; {version}; {args.rounds} interleaved rounds; {args.clock} clock", flush=True)
     rows = []
     mem_dense = None
