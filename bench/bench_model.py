@@ -178,6 +178,10 @@ def _peak_rss_mb() -> float:
 
 def worker(provider: str, compression: str, args) -> dict:
     """Runs in a fresh process: build, run a few steps, report the peak memory."""
+    try:  # every worker loads the same libraries before its baseline (peft pulls in transformers)
+        import peft  # noqa: F401
+    except ImportError:
+        pass
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
