@@ -24,9 +24,9 @@ from presets import COMPRESSIONS  # noqa: E402
 from presets import TASKS  # noqa: E402
 from presets import compression  # noqa: E402
 
-from vcon_kernels.experiment.runner import TrainSettings  # noqa: E402
-from vcon_kernels.experiment.runner import compress_run  # noqa: E402
-from vcon_kernels.experiment.runner import dense_model  # noqa: E402
+from vcon_kernels.comparison.runner import TrainSettings  # noqa: E402
+from vcon_kernels.comparison.runner import compress_run  # noqa: E402
+from vcon_kernels.comparison.runner import dense_model  # noqa: E402
 from vcon_kernels.tasks import get_task  # noqa: E402
 from vcon_kernels.tasks.minilm_rt import quiet_transformers  # noqa: E402
 

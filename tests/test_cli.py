@@ -13,8 +13,8 @@ import vcon_kernels as vk
 from vcon_kernels.cli import main
 from vcon_kernels.cli.args import build_parser
 from vcon_kernels.cli.args import config_from_args
+from vcon_kernels.integrations import deps
 from vcon_kernels.integrations import load_compressed
-from vcon_kernels.tasks import deps
 from vcon_kernels.tasks import get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

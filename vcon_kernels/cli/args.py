@@ -12,8 +12,8 @@ import sys
 
 import vcon_kernels as vk
 
-from ..experiment.methods import METHOD_NAMES
-from ..experiment.runner import LR_SCHEDULES
+from ..comparison.methods import METHOD_NAMES
+from ..comparison.runner import LR_SCHEDULES
 from ..scheduler import SCHEDULES
 from ..tasks import DEFAULT_TASK
 from ..tasks import TASKS

@@ -12,14 +12,14 @@ import time
 
 import torch
 
-from ..experiment.report import format_paired
-from ..experiment.report import format_table
-from ..experiment.report import plot_curves
-from ..experiment.report import summarize
-from ..experiment.report import write_files
-from ..experiment.runner import compress_run
-from ..experiment.runner import dense_model
-from ..experiment.runner import settings_for
+from ..comparison.report import format_paired
+from ..comparison.report import format_table
+from ..comparison.report import plot_curves
+from ..comparison.report import summarize
+from ..comparison.report import write_files
+from ..comparison.runner import compress_run
+from ..comparison.runner import dense_model
+from ..comparison.runner import settings_for
 from ..tasks import get_task
 from .args import config_from_args
 from .args import describe_config

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import transforms
+from .. import torch_transforms as transforms
 from ..configs import LowRank
 from ..configs import VCONConfig
 from ..configs import prune_stage

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..integrations.deps import require
 from .base import Task
-from .deps import require
 
 DATA_SEED = 0
 
