@@ -36,7 +36,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
 # The default task: all-MiniLM-L6-v2 on Rotten Tomatoes, prune 90%: dense fine-tune (cached in
-# out/cache), then one-shot, gradual and VCON at equal budget; table + CSV/JSON + plot in out/minilm-rt.
+# out/minilm-rt/cache), then one-shot, gradual and VCON at equal budget; table + CSV/JSON + plot in out/minilm-rt.
 demo: $(STAMP)
 	$(PY) -m vcon_kernels compress
 

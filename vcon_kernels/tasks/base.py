@@ -40,6 +40,9 @@ class Task:
     title = "task"
     # Hyperparameters of the run, overridable from the command line.
     defaults: dict = {}
+    # Whether build_model starts from pretrained weights (False: a random init that only the dense
+    # phase trains, so the paper's "compress the pretrained model while learning the task" has no meaning).
+    pretrained = True
 
     def __init__(self, device: str = "cpu", **options):
         unknown = set(options) - set(self.defaults)

@@ -22,6 +22,7 @@ DATA_SEED = 0
 class DigitsMLP(Task):
     name = "digits-mlp"
     title = "MLP on scikit-learn digits"
+    pretrained = False
     defaults = dict(
         hidden=256,
         batch_size=64,
