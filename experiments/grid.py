@@ -54,6 +54,8 @@ def parse():
                    help="finetuned: compress the cached fine-tuned dense model; pretrained: the paper's protocol "
                    "(compress the pretrained model while it learns the task; method 'dense' = the same start "
                    "fine-tuned at the same budget)")
+    p.add_argument("--shared-batchnorm", action="store_true",
+                   help="VCON keeps one BatchNorm per conv (the behaviour before the per-path BatchNorm)")
     p.add_argument("--tag", default="", help="free label stored with each run (e.g. the investigation)")
     p.add_argument("--out", required=True)
     p.add_argument("--cache-dir", default="out/cache")
@@ -101,6 +103,7 @@ def main():
                 key = [args.task, name, method, seed, args.lr, transition, settings.steps, args.schedule,
                        args.lr_schedule, str(mask_update), args.grad, splits, settings.clip]
                 key += [args.start] if pretrained else []  # finetuned keys stay those of the earlier logs
+                key += ["shared-bn"] if args.shared_batchnorm and method == "vcon" else []
                 if method == "dense":  # the paper protocol's dense reference: the same for every compression
                     if not pretrained:
                         raise SystemExit("method 'dense' is the reference of --from pretrained only")
@@ -115,12 +118,13 @@ def main():
                     r = dense_run(task, settings, seed, progress=True, splits=splits)
                 else:
                     r = compress_run(task, state, method, config, settings, transition, seed,
-                                     schedule=args.schedule, base_model=dense, splits=splits)
+                                     schedule=args.schedule, base_model=dense, splits=splits,
+                                     split_batchnorm=not args.shared_batchnorm)
                 r.pop("model")
                 r.update(key=key, task=args.task, compression=name, config=repr(config), lr=args.lr,
                          transition=transition, steps=settings.steps, schedule=args.schedule,
                          lr_schedule=args.lr_schedule, mask_update=str(mask_update), grad=args.grad, tag=args.tag,
-                         clip=settings.clip, start=args.start,
+                         clip=settings.clip, start=args.start, batchnorm="shared" if args.shared_batchnorm else "split",
                          dense_val_acc=dense_info["val_acc"], dense_test_acc=dense_info["test_acc"],
                          wall_s=time.time() - started)
                 with open(args.out, "a") as f:

@@ -243,7 +243,7 @@ def dense_run(task: Task, settings: TrainSettings, seed: int, progress: bool = T
 def compress_run(task: Task, dense_state: Optional[dict], method_name: str, config: vk.VCONConfig,
                  settings: TrainSettings, transition: int, seed: int, schedule="linear",
                  prune_every: Optional[int] = None, progress: bool = True, base_model: Optional[torch.nn.Module] = None,
-                 splits=("val", "test")) -> dict:
+                 splits=("val", "test"), split_batchnorm: bool = True) -> dict:
     """One compression run from the dense weights: convert, fine-tune, finalize, evaluate.
 
     ``dense_state=None`` starts from the task's pretrained model with the head initialised
@@ -265,7 +265,8 @@ def compress_run(task: Task, dense_state: Optional[dict], method_name: str, conf
         model = copy.deepcopy(base_model) if base_model is not None else task.build_model(seed=DENSE_SEED)
         model.load_state_dict(dense_state)
     dense_bytes = vk.storage_bytes(model)
-    method = make_method(method_name, config, transition, schedule=schedule, prune_every=prune_every)
+    method = make_method(method_name, config, transition, schedule=schedule, prune_every=prune_every,
+                         split_batchnorm=split_batchnorm)
     model = method.attach(model, task.compress_filter(config))
     names = [n for n, _ in vk.vcon_layers(model)]
     before_bytes, layers_before = vk.storage_bytes(model), _layer_bytes(model, names)
