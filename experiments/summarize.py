@@ -15,8 +15,8 @@ import json
 import statistics
 from collections import OrderedDict
 
-METHODS = ("oneshot", "gradual", "vcon")
-LABELS = {"oneshot": "one-shot", "gradual": "gradual", "vcon": "VCON"}
+METHODS = ("dense", "oneshot", "gradual", "vcon")
+LABELS = {"dense": "dense", "oneshot": "one-shot", "gradual": "gradual", "vcon": "VCON"}
 
 
 def load(paths):
@@ -50,7 +50,7 @@ def table(runs, split="test", by=("compression",), metric="acc"):
         groups.setdefault(group, {}).setdefault(r["method"], {})[r["seed"]] = r[key]
     methods = [m for m in METHODS if any(m in g for g in groups.values())]
     header = list(by) + ["seeds"] + [f"{LABELS[m]} ({split} {metric})" for m in methods]
-    baselines = [m for m in methods if m != "vcon"] if "vcon" in methods else []
+    baselines = [m for m in methods if m not in ("vcon", "dense")] if "vcon" in methods else []
     header += [f"VCON − {LABELS[b]} (wins)" for b in baselines]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, by_method in groups.items():

@@ -13,8 +13,8 @@ import vcon_kernels as vk
 from vcon_kernels.cli import main
 from vcon_kernels.cli.args import build_parser
 from vcon_kernels.cli.args import config_from_args
+from vcon_kernels.integrations import deps
 from vcon_kernels.integrations import load_compressed
-from vcon_kernels.tasks import deps
 from vcon_kernels.tasks import get_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +61,41 @@ def test_bad_values_are_rejected_with_the_accepted_ones(argv, message, capsys):
         main(["compress", *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_help_names_each_task_option_and_shows_the_defaults():
+    text = build_parser().compress_parser.format_help()
+    assert "task option (0 = whole split" not in text
+    flat = " ".join(text.split())
+    for expected in ("tokens per sentence", "image side in pixels", "default: minilm-rt 60, lite0-fmnist 200",
+                     "quantization bits (1 = binary; default 4)", "pruning granularity (default layer",
+                     "AdamW learning rate; default: minilm-rt 0.0003", "default OUT/cache", "--from"):
+        assert expected in flat, expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "digits-mlp", "--from", "pretrained"], "task digits-mlp has no pretrained model"),
+    (["--from", "pretrained", "--dense-steps", "5"], "--from pretrained trains no dense model first, so --dense-steps"),
+    (["--from", "pretrained", "--no-cache"], "so --no-cache would be ignored"),
+    (["--from", "scratch"], "invalid choice: 'scratch'"),
+])
+def test_from_pretrained_rejects_what_it_would_ignore(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dense_cache_under_out_and_a_note_when_the_dense_row_trained_less(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["compress", "--task", "digits-mlp", "--steps", "6", "--dense-steps", "4", "--methods", "vcon",
+            "--out", str(out), "--quiet", "--no-plot"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "fine-tuned for 4 steps, fewer than the 6 steps of each compressed run" in text
+    assert any(name.startswith("digits-mlp-dense-") for name in os.listdir(out / "cache"))
+    assert main(argv[:6] + ["6"] + argv[7:]) == 0  # as many dense steps as compressed ones: no note
+    assert "fewer than" not in capsys.readouterr().out
 
 
 def test_missing_model_package_prints_the_pip_command(monkeypatch, capsys):
@@ -134,6 +169,27 @@ def test_default_task_tiny_run(tmp_path, capsys):
         assert r["layers"] == 36
         assert r["layers_after_mb"] < 0.2 * r["layers_before_mb"]  # 90% pruned, CSR with int16 indices
         assert r["finalize_max_abs_diff"] < 1e-4
+
+
+def test_pretrained_protocol_tiny_run(tmp_path, capsys):
+    """--from pretrained: no dense phase; per seed a dense run at the same budget and the compressed runs."""
+    out = tmp_path / "out"
+    argv = ["compress", "--from", "pretrained", "--train-size", "32", "--val-size", "16", "--test-size", "16",
+            "--max-length", "16", "--steps", "2", "--eval-every", "2", "--eval-size", "16", "--batch-size", "16",
+            "--methods", "oneshot,vcon", "--seeds", "0,1", "--out", str(out), "--quiet", "--no-plot"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "the paper's protocol" in text and "fine-tuning" not in text.split("start:")[0]
+    result = json.load(open(out / "results.json"))
+    assert result["start"] == "pretrained" and result["dense"] is None
+    runs = result["runs"]
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
+        (m, s) for m in ("dense", "oneshot", "vcon") for s in (0, 1))
+    dense = [r for r in runs if r["method"] == "dense"]
+    assert all(r["steps"] == 2 and len(r["history"]) == 2 for r in dense)
+    assert [row["method"] for row in result["summary"]][0] == "dense"
+    assert not (out / "cache").exists()
+    assert "VCON - one-shot + fine-tune" in text and "VCON - dense" not in text
 
 
 def test_module_entry_point_and_console_script():

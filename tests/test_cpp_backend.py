@@ -29,7 +29,7 @@ from cases import run_fwd_bwd
 from cases import set_betas
 
 import vcon_kernels as vk
-from vcon_kernels import transforms
+from vcon_kernels import torch_transforms as transforms
 from vcon_kernels.spec import PRUNE_THRESHOLD
 
 _reason = vk.backends.available()["cpp"]

@@ -5,12 +5,12 @@ import torch
 from torch import nn
 
 import vcon_kernels as vk
-from vcon_kernels.experiment import make_method
-from vcon_kernels.experiment.baselines import cubic_sparsity
-from vcon_kernels.experiment.baselines import layers_compressed
-from vcon_kernels.experiment.methods import stage_windows
-from vcon_kernels.experiment.runner import TrainSettings
-from vcon_kernels.experiment.runner import lr_factor
+from vcon_kernels.comparison import make_method
+from vcon_kernels.comparison.baselines import cubic_sparsity
+from vcon_kernels.comparison.baselines import layers_compressed
+from vcon_kernels.comparison.methods import stage_windows
+from vcon_kernels.comparison.runner import TrainSettings
+from vcon_kernels.comparison.runner import lr_factor
 
 
 def mlp(seed=0):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import vcon_kernels as vk
-from vcon_kernels.tasks import deps
+from vcon_kernels.integrations import deps
 from vcon_kernels.tasks import get_task
 from vcon_kernels.tasks.lite0_fmnist import plain_convs
 from vcon_kernels.tasks.minilm_rt import rt_splits

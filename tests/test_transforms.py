@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vcon_kernels as vk
-from vcon_kernels import transforms
+from vcon_kernels import torch_transforms as transforms
 from vcon_kernels.packing import pack_uint
 from vcon_kernels.packing import unpack_uint
 from vcon_kernels.spec import TransformSpec

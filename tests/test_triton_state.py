@@ -13,7 +13,7 @@ from triton_helpers import layer_tensors
 from triton_helpers import on_device
 
 from vcon_kernels import ops
-from vcon_kernels import transforms
+from vcon_kernels import torch_transforms as transforms
 
 HALF_AND_FULL = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import vcon_kernels as vk
-from vcon_kernels import transforms
+from vcon_kernels import torch_transforms as transforms
 from vcon_kernels.functional import layer_state
 
 try:

@@ -24,6 +24,8 @@ from typing import Union
 import torch
 from torch import nn
 
+from .batchnorm import finalize_batchnorms
+from .batchnorm import split_batchnorms
 from .compressed.build import finalize_layer
 from .configs import VCONConfig
 from .modules.base import VCONLayerBase
@@ -119,7 +121,8 @@ def _disable_encoder_fastpath(model: nn.Module, converted: set) -> None:
             module.activation_relu_or_gelu = 0
 
 
-def convert(model: nn.Module, config: ConfigOrFn, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None):
+def convert(model: nn.Module, config: ConfigOrFn, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+            split_batchnorm: bool = True):
     """Replace every ``nn.Linear`` / ``nn.Conv2d`` by its VCON layer; returns the model.
 
     Subclasses whose forward is the parent's (HF's ``NonDynamicallyQuantizableLinear``, a
@@ -135,6 +138,10 @@ def convert(model: nn.Module, config: ConfigOrFn, filter_fn: Optional[Callable[[
             None`` to compress layers differently (None leaves the layer dense).
         filter_fn: ``(module, name) -> bool``; only layers for which it returns True convert.
             Both callables take ``(module, name)``, as torchao's ``quantize_`` filter does.
+        split_batchnorm: a converted conv directly followed by a ``BatchNorm2d`` gets a
+            BatchNorm per path (``vcon_kernels/batchnorm.py``: ``beta BN_f(f) + (1 - beta)
+            BN_g(g)``, finalized into the compressed conv + ``BN_g``); False keeps the one
+            BatchNorm, which then normalizes the blend.
 
     Raises ``ValueError`` if the model already contains VCON layers, or if a layer cannot
     take the config (its name is in the message); warns and returns the model unchanged
@@ -180,7 +187,11 @@ def convert(model: nn.Module, config: ConfigOrFn, filter_fn: Optional[Callable[[
     if not replacements:
         warnings.warn("vk.convert: no nn.Linear or nn.Conv2d matched; the model is returned unchanged", stacklevel=2)
         return model
+    if not isinstance(split_batchnorm, bool):
+        raise TypeError(f"split_batchnorm must be True or False, got {split_batchnorm!r}")
     _disable_encoder_fastpath(model, set(replacements))
+    if split_batchnorm:
+        replacements.update(split_batchnorms(model, replacements))
     return _swap(model, replacements)
 
 
@@ -208,6 +219,7 @@ def finalize(model: nn.Module, force: bool = False) -> nn.Module:
         new = finalize_layer(layer, force=force, name=name or type(layer).__name__)
         new.train(layer.training)
         replacements[id(layer)] = (layer, new)
+    replacements.update(finalize_batchnorms(model))  # a split BatchNorm leaves its compressed path's BN_g
     adapters = _adapter_wrappers(model, replacements)
     model = _swap(model, replacements)
     for wrapper in adapters:

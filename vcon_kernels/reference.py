@@ -5,7 +5,7 @@ It runs the dense and the compressed module separately and blends their outputs,
 prune+quantize) GEMMs forward, twice the backward, and the compressed weight copy kept
 alive for backward. Deliberately simple and independent of the fused path: masks come
 from ``topk`` index sets and an explicit N:M rank count, scales from a direct formula,
-so a bug in ``transforms.py`` does not hide in both.
+so a bug in ``torch_transforms.py`` does not hide in both.
 
 Gradient modes, with C the compressed weight:
 

@@ -32,7 +32,7 @@ from typing import Optional
 
 from ..spec import PRUNE_THRESHOLD
 from ..spec import TransformSpec
-from ..transforms import kept_count
+from ..torch_transforms import kept_count
 from .torch_backend import TorchBackend
 
 # The extension's binding version this module is written for (csrc/module.cpp kAbiVersion).

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import transforms
+from .. import torch_transforms as transforms
 from ..spec import TransformSpec
 
 Tensor = torch.Tensor

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from ..tasks.deps import MissingDependency
+from ..integrations.deps import MissingDependency
 from .args import build_parser
 from .args import check_args
 

@@ -12,15 +12,32 @@ import sys
 
 import vcon_kernels as vk
 
-from ..experiment.methods import METHOD_NAMES
-from ..experiment.runner import LR_SCHEDULES
+from ..comparison.methods import METHOD_NAMES
+from ..comparison.runner import LR_SCHEDULES
+from ..comparison.runner import START_POINTS
 from ..scheduler import SCHEDULES
 from ..tasks import DEFAULT_TASK
 from ..tasks import TASKS
 
 COMPRESSIONS = ("prune", "quantize", "lowrank", "prune+quantize")
-# Task options settable from the command line: option -> task default key.
-TASK_OPTIONS = ("train_size", "val_size", "test_size", "max_length", "image_size", "hidden", "eval_size")
+# Task options settable from the command line (each a key of the tasks' ``defaults``), with their help.
+TASK_OPTION_HELP = {
+    "train_size": "training examples used (0 = the whole split)",
+    "val_size": "validation examples (0 = the whole split)",
+    "test_size": "test examples (0 = the whole split)",
+    "max_length": "tokens per sentence (text tasks)",
+    "image_size": "image side in pixels (image tasks)",
+    "hidden": "hidden width of the MLP",
+    "eval_size": "validation examples scored at each point of the curve (the whole split is scored at the end)",
+}
+TASK_OPTIONS = tuple(TASK_OPTION_HELP)
+
+
+def task_defaults(key: str) -> str:
+    """"default: minilm-rt 60, lite0-fmnist 200" for a task option (the tasks that have it)."""
+    values = [f"{name} {cls.defaults[key]:g}" if isinstance(cls.defaults[key], float) else
+              f"{name} {cls.defaults[key]}" for name, cls in TASKS.items() if key in cls.defaults]
+    return "default: " + ", ".join(values)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -112,46 +129,61 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
     p = sub.add_parser("compress", help="compress a model three ways and print the comparison table",
                        description="Fine-tune the dense model (cached), then compress it with each method at the "
-                       "same budget; print and save the comparison (table, CSV/JSON, PNG plot).")
+                       "same budget (or, with --from pretrained, compress the pretrained model while it learns the "
+                       "task); print and save the comparison (table, CSV/JSON, PNG plot).")
     g = p.add_argument_group("task")
     g.add_argument("--task", default=DEFAULT_TASK, choices=list(TASKS), help=f"default {DEFAULT_TASK}")
-    for opt in TASK_OPTIONS:
-        g.add_argument("--" + opt.replace("_", "-"), type=int, default=None,
-                       help="task option (0 = whole split for sizes); default: the task's")
+    for opt, text in TASK_OPTION_HELP.items():
+        g.add_argument("--" + opt.replace("_", "-"), type=int, default=None, help=f"{text}; {task_defaults(opt)}")
     g = p.add_argument_group("compression")
     g.add_argument("--method", default="prune", choices=COMPRESSIONS, help="default prune")
     g.add_argument("--sparsity", type=float, default=0.9, help="pruning: fraction removed (default 0.9)")
-    g.add_argument("--granularity", default="layer", choices=("layer", "row", "nm"), help="pruning granularity")
+    g.add_argument("--granularity", default="layer", choices=("layer", "row", "nm"),
+                   help="pruning granularity (default layer: the largest |W| of the whole matrix)")
     g.add_argument("--nm", type=_nm, default=(2, 4), help="N:M pattern for --granularity nm (default 2:4)")
     g.add_argument("--mask-update", type=_mask_update, default="step",
                    help="pruning mask: step (re-derived every call, as the paper), once (frozen), or K steps")
-    g.add_argument("--bits", type=int, default=4, choices=(8, 4, 2, 1), help="quantization bits (1 = binary)")
-    g.add_argument("--quant-granularity", default="channel", choices=("channel", "group", "tensor"))
-    g.add_argument("--group-size", type=int, default=128)
+    g.add_argument("--bits", type=int, default=4, choices=(8, 4, 2, 1),
+                   help="quantization bits (1 = binary; default 4)")
+    g.add_argument("--quant-granularity", default="channel", choices=("channel", "group", "tensor"),
+                   help="quantization scales: one per output channel (default), per group, or one per tensor")
+    g.add_argument("--group-size", type=int, default=128, help="weights per scale with --quant-granularity group "
+                   "(default 128)")
     g.add_argument("--rank", type=int, default=None, help="low rank: rank of every layer (default 16)")
     g.add_argument("--rank-ratio", type=float, default=None, help="low rank: rank = ratio * min(N, K) instead")
     g.add_argument("--grad", default="ste", choices=("ste", "exact"), help="gradient mode (default ste)")
     g = p.add_argument_group("training (the same budget for every method)")
     g.add_argument("--methods", type=_methods, default=list(METHOD_NAMES), help="default oneshot,gradual,vcon")
-    g.add_argument("--steps", type=int, default=None, help="fine-tuning steps of each compression run")
+    g.add_argument("--from", dest="start", default="finetuned", choices=START_POINTS,
+                   help="finetuned (default): fine-tune the dense model first (cached), then compress it; "
+                   "pretrained: the paper's protocol, compress the pretrained model while it learns the task "
+                   "(the dense row is then the pretrained model fine-tuned at the same budget)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"fine-tuning steps of each compression run; {task_defaults('steps')}")
     g.add_argument("--vcon-steps", type=int, default=None,
                    help="transition length Q (VCON beta 1 -> 0; also the gradual window); default --transition")
     g.add_argument("--transition", type=_fraction, default=0.3,
                    help="Q as a fraction of --steps when --vcon-steps is not given (default 0.3)")
     g.add_argument("--schedule", default="linear", choices=SCHEDULES, help="VCON beta schedule")
     g.add_argument("--prune-every", type=int, default=None, help="gradual pruning: steps between sparsity updates")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES)
-    g.add_argument("--warmup", type=float, default=None, help="warm-up fraction of the steps")
-    g.add_argument("--clip", type=float, default=None, help="max gradient norm (0 = none); default: the task's")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--eval-every", type=int, default=None, help="steps between validation points of the curve")
-    g.add_argument("--dense-steps", type=int, default=None)
-    g.add_argument("--dense-lr", type=float, default=None)
+    g.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate; {task_defaults('lr')}")
+    g.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
+                   help="cosine decay to 0 after the warm-up (default) or constant")
+    g.add_argument("--warmup", type=float, default=None,
+                   help=f"linear warm-up, fraction of the steps; {task_defaults('warmup')}")
+    g.add_argument("--clip", type=float, default=None,
+                   help=f"max gradient norm (0 = none); {task_defaults('clip')}")
+    g.add_argument("--batch-size", type=int, default=None, help=f"{task_defaults('batch_size')}")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help=f"steps between validation points of the curve; {task_defaults('eval_every')}")
+    g.add_argument("--dense-steps", type=int, default=None,
+                   help=f"steps of the dense fine-tune (--from finetuned); {task_defaults('dense_steps')}")
+    g.add_argument("--dense-lr", type=float, default=None,
+                   help=f"learning rate of the dense fine-tune (--from finetuned); {task_defaults('dense_lr')}")
     g.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated run seeds (default 0)")
     g = p.add_argument_group("output and machine")
     g.add_argument("--out", default=None, help="output folder (default out/<task>)")
-    g.add_argument("--cache-dir", default="out/cache", help="where the fine-tuned dense model is cached")
+    g.add_argument("--cache-dir", default=None, help="where the fine-tuned dense model is cached (default OUT/cache)")
     g.add_argument("--no-cache", action="store_true", help="always fine-tune the dense model")
     g.add_argument("--save-model", action="store_true",
                    help="save the finalized VCON model (last seed) as safetensors + JSON in OUT/vcon-model")
@@ -175,6 +207,16 @@ def check_args(parser: ArgumentParser, args) -> None:
         fail("give --rank or --rank-ratio, not both")
     if args.method != "lowrank" and (args.rank is not None or args.rank_ratio is not None):
         fail(f"--rank/--rank-ratio apply to --method lowrank, not {args.method}")
+    if args.start == "pretrained":
+        if not TASKS[args.task].pretrained:
+            fail(f"--from pretrained: task {args.task} has no pretrained model (its dense model is trained from "
+                 "scratch); use --from finetuned")
+        given = [o for o in ("dense_steps", "dense_lr", "cache_dir") if getattr(args, o) is not None]
+        given += ["no_cache"] if args.no_cache else []
+        if given:
+            names = ", ".join("--" + o.replace("_", "-") for o in given)
+            fail(f"--from pretrained trains no dense model first, so {names} would be ignored; drop them or use "
+                 "--from finetuned")
     task_cls = TASKS[args.task]
     for opt in TASK_OPTIONS:
         if getattr(args, opt) is not None and opt not in task_cls.defaults:
@@ -232,5 +274,5 @@ def task_options(args) -> dict:
     return {opt: getattr(args, opt) for opt in TASK_OPTIONS if getattr(args, opt) is not None}
 
 
-__all__ = ["COMPRESSIONS", "ArgumentParser", "build_parser", "check_args", "config_from_args", "describe_config",
-           "task_options"]
+__all__ = ["COMPRESSIONS", "TASK_OPTION_HELP", "ArgumentParser", "build_parser", "check_args", "config_from_args",
+           "describe_config", "task_defaults", "task_options"]

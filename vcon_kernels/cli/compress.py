@@ -1,5 +1,9 @@
 """``vcon compress``: dense fine-tune (cached), then one-shot, gradual and VCON at equal budget.
 
+With ``--from pretrained`` (the paper's protocol) there is no dense phase: every run
+starts from the pretrained model with a new head, and the dense row is the same start
+fine-tuned at the same budget, one run per seed.
+
 Prints the settings (subset sizes included), a progress bar per training loop, then the
 comparison table, and writes ``results.json``, ``runs.csv``, ``summary.csv`` and
 ``curves.png`` (validation accuracy and beta against the step) to ``--out``.
@@ -12,14 +16,16 @@ import time
 
 import torch
 
-from ..experiment.report import format_paired
-from ..experiment.report import format_table
-from ..experiment.report import plot_curves
-from ..experiment.report import summarize
-from ..experiment.report import write_files
-from ..experiment.runner import compress_run
-from ..experiment.runner import dense_model
-from ..experiment.runner import settings_for
+from ..comparison.report import format_notes
+from ..comparison.report import format_paired
+from ..comparison.report import format_table
+from ..comparison.report import plot_curves
+from ..comparison.report import summarize
+from ..comparison.report import write_files
+from ..comparison.runner import compress_run
+from ..comparison.runner import dense_model
+from ..comparison.runner import dense_run
+from ..comparison.runner import settings_for
 from ..tasks import get_task
 from .args import config_from_args
 from .args import describe_config
@@ -65,17 +71,23 @@ def run_compress(args, parser) -> int:
     task.load()  # raises MissingDependency with the install command
     settings = settings_for(task, steps=args.steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                             lr_schedule=args.lr_schedule, eval_every=args.eval_every, clip=args.clip)
-    dense_settings = settings_for(task, dense=True, steps=args.dense_steps, lr=args.dense_lr,
-                                  batch_size=args.batch_size)
+    pretrained = args.start == "pretrained"
+    dense_settings = None if pretrained else settings_for(task, dense=True, steps=args.dense_steps, lr=args.dense_lr,
+                                                          batch_size=args.batch_size)
     transition = args.vcon_steps or max(1, round(args.transition * settings.steps))
     if transition > settings.steps:
         parser.compress_parser.error(f"--vcon-steps ({transition}) must not exceed --steps ({settings.steps})")
     out = args.out or os.path.join("out", args.task)
+    cache_dir = None if args.no_cache or pretrained else (args.cache_dir or os.path.join(out, "cache"))
     label = describe_config(config)
 
     print(f"task:     {task.describe()}")
     print(f"compress: {label}, grad={config.grad}"
           + (f", mask update={args.mask_update}" if args.method.startswith("prune") else ""))
+    print("start:    " + ("the pretrained model with a new head, compressed while it learns the task (the paper's "
+                             "protocol); dense row: the same start fine-tuned at the same budget" if pretrained else
+                             f"the dense model fine-tuned {dense_settings.steps} steps first (cached in {cache_dir})"
+                             if cache_dir else f"the dense model fine-tuned {dense_settings.steps} steps first"))
     print(f"budget:   every method {settings.steps} steps x batch {settings.batch_size} "
           f"({settings.steps * settings.batch_size} examples), AdamW lr {settings.lr:g} "
           f"({settings.lr_schedule}, warm-up {settings.warmup:g}), transition {transition} steps "
@@ -84,11 +96,17 @@ def run_compress(args, parser) -> int:
     print("note:     small subsets and short inputs so that the run fits a few CPU minutes; numbers from one "
           "seed are noisy (see experiments/RESULTS.md for the full 3-seed tables)")
 
-    dense, dense_info = dense_model(task, None if args.no_cache else args.cache_dir, dense_settings,
-                                    progress=progress)
-    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    if pretrained:
+        dense, dense_info, state = None, None, None
+    else:
+        dense, dense_info = dense_model(task, cache_dir, dense_settings, progress=progress)
+        state = {k: v.clone() for k, v in dense.state_dict().items()}
     results, saved = [], None
     for seed in args.seeds:
+        if pretrained:
+            result = dense_run(task, settings, seed, progress=progress)
+            result.pop("model")
+            results.append(result)
         for method in args.methods:
             result = compress_run(task, state, method, config, settings, transition, seed, schedule=args.schedule,
                                   prune_every=args.prune_every, progress=progress, base_model=dense)
@@ -101,22 +119,26 @@ def run_compress(args, parser) -> int:
     title = f"{task.title}: {label}, {settings.steps} steps, transition {transition}"
     payload = {"task": args.task, "task_description": task.describe(), "task_options": task.options,
                "compression": label, "config": repr(config), "transition_steps": transition,
-               "schedule": args.schedule, "settings": vars(settings), "dense_settings": vars(dense_settings),
-               "dense": dense_info, "seeds": args.seeds, "device": device, "torch_threads": torch.get_num_threads(),
+               "schedule": args.schedule, "settings": vars(settings), "start": args.start,
+               "dense_settings": vars(dense_settings) if dense_settings else None, "dense": dense_info,
+               "seeds": args.seeds, "device": device, "torch_threads": torch.get_num_threads(),
                "command": "vcon compress " + " ".join(getattr(args, "argv", []))}
     paths = write_files(out, payload, results, rows)
     print()
     print(f"{title} (test split: {task.size('test')} examples; accuracy after finalization)")
     print(format_table(rows))
+    notes = format_notes(rows, settings.steps)
+    if notes:
+        print(notes)
     paired = format_paired(results)
     if paired:
         print(paired)
-    worst = max(r["finalize_max_abs_diff"] for r in results)
+    worst = max(r["finalize_max_abs_diff"] for r in results if "finalize_max_abs_diff" in r)
     print(f"finalized models reproduce the beta = 0 VCON layers: max |logit difference| {worst:.2e}")
     print(f"peak memory: {results[0]['mem_kind']} increase during training; ms/step: mean over the run")
     if not args.no_plot:
-        paths["plot"] = plot_curves(results, os.path.join(out, "curves.png"), dense_acc=dense_info.get("val_acc"),
-                                    title=title)
+        dense_acc = dense_info.get("val_acc") if dense_info else None
+        paths["plot"] = plot_curves(results, os.path.join(out, "curves.png"), dense_acc=dense_acc, title=title)
     if saved is not None:
         from ..integrations.saving import save_compressed
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import transforms
+from .. import torch_transforms as transforms
 from ..configs import prune_stage
 from ..functional import layer_state
 from .modules import CompressedConv2d

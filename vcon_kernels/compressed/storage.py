@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import transforms
+from .. import torch_transforms as transforms
 from ..packing import pack_uint
 from ..packing import unpack_uint
 from ..spec import TransformSpec

@@ -49,8 +49,8 @@ def _safetensors():
     try:
         import safetensors.torch as st
     except ImportError:  # pragma: no cover - depends on the environment
-        from ..tasks.deps import MissingDependency
-        from ..tasks.deps import pip_command
+        from .deps import MissingDependency
+        from .deps import pip_command
 
         raise MissingDependency(f"saving compressed models needs safetensors: {pip_command('safetensors')}") from None
     return st

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import state_cache
-from .. import transforms
+from .. import torch_transforms as transforms
 from ..configs import LowRank
 from ..configs import VCONConfig
 from ..configs import prune_stage

@@ -98,6 +98,9 @@ class VCONConv2d(VCONLayerBase, nn.Conv2d):
         if self._input_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._input_pad, mode=mode)
+        split = self.__dict__.get("split_batchnorm")  # set by vk.convert when a BatchNorm follows (batchnorm.py)
+        if split is not None:
+            return split.conv_paths(self, x)
         if torch.compiler.is_compiling():  # the graph computes state itself (the caches are eager-only)
             return vcon_conv2d(x, self.weight, self.bias, self.beta, self.config, self.state,
                                self.stride, self._conv_padding, self.dilation, self.groups)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..transforms import kept_count
+from ..torch_transforms import kept_count
 from .utils import INTERPRET
 from .utils import launch
 

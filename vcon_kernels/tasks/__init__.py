@@ -16,8 +16,8 @@ Example usage::
 
 from __future__ import annotations
 
+from ..integrations.deps import MissingDependency
 from .base import Task
-from .deps import MissingDependency
 from .digits_mlp import DigitsMLP
 from .lite0_fmnist import Lite0FMNIST
 from .minilm_rt import MiniLMRT

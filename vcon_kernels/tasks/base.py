@@ -1,7 +1,7 @@
 """What every demo task provides: data splits, a pretrained dense model, and which layers to compress.
 
 A task owns three splits (``train``, ``val``, ``test``), each a dict of equally long tensors
-with a ``"labels"`` entry, kept on the CPU. The runner (``vcon_kernels.experiment``) only
+with a ``"labels"`` entry, kept on the CPU. The runner (``vcon_kernels.comparison``) only
 calls the methods below, so a new task is one small subclass.
 
 Splits are fixed by the task (a fixed data seed, independent of the run seed), so every
@@ -40,6 +40,9 @@ class Task:
     title = "task"
     # Hyperparameters of the run, overridable from the command line.
     defaults: dict = {}
+    # Whether build_model starts from pretrained weights (False: a random init that only the dense
+    # phase trains, so the paper's "compress the pretrained model while learning the task" has no meaning).
+    pretrained = True
 
     def __init__(self, device: str = "cpu", **options):
         unknown = set(options) - set(self.defaults)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..integrations.deps import require
 from .base import Task
-from .deps import require
 
 DATA_SEED = 0
 
@@ -22,6 +22,7 @@ DATA_SEED = 0
 class DigitsMLP(Task):
     name = "digits-mlp"
     title = "MLP on scikit-learn digits"
+    pretrained = False
     defaults = dict(
         hidden=256,
         batch_size=64,

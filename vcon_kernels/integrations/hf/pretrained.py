@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from ...tasks.deps import require
+from ..deps import require
 from ..saving import load_compressed
 from ..saving import read_compression_config
 from ..saving import save_compressed

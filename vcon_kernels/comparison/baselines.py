@@ -83,7 +83,9 @@ class OneShot(Method):
     name = "oneshot"
 
     def attach(self, model, filter_fn=None):
-        model = vk.convert(model, self.config, filter_fn=filter_fn)
+        # The baselines keep each BatchNorm as it is (split_batchnorm=False): they never blend two
+        # paths, and a plain model is what "compress, then fine-tune" means.
+        model = vk.convert(model, self.config, filter_fn=filter_fn, split_batchnorm=False)
         # A scheduler that writes beta = 0 at every step keeps refreshing Prune(update=k) masks
         # exactly as in the VCON run. It writes beta = 1 at t = 0 (its convention), hence set_beta.
         self.scheduler = vk.VCONScheduler(model, steps=1, schedule=lambda t: 0.0)
@@ -124,7 +126,7 @@ class Gradual(Method):
 
     def attach(self, model, filter_fn=None):
         start = self._config_with(0.0) if self.ramp else self.config
-        model = vk.convert(model, start, filter_fn=filter_fn)
+        model = vk.convert(model, start, filter_fn=filter_fn, split_batchnorm=False)  # as OneShot
         self.layers = [layer for _, layer in vk.vcon_layers(model)]
         self.sparsity = 0.0
         if self.ramp:

@@ -1,5 +1,8 @@
 """Equal-budget comparisons of VCON with one-shot and gradual compression on real tasks.
 
+The harness behind ``vcon compress`` and the scripts in the top-level ``experiments/``
+folder (which holds the results and the commands; this package holds the code).
+
 * ``methods.py``: the method interface and VCON; ``baselines.py``: one-shot and gradual.
 * ``runner.py``: the dense fine-tune (cached), the compression runs, timings and sizes.
 * ``memory.py``: peak memory (CUDA allocator stats, or sampled RSS on the CPU).

