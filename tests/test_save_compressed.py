@@ -162,3 +162,16 @@ def test_unfinalized_and_uncompressed_models_are_refused(tmp_path):
     vk.convert(model, vk.Prune(sparsity=0.5))
     with pytest.raises(ValueError, match="call vk.finalize"):
         vk.save_compressed(model, str(tmp_path))
+
+
+def test_readme_save_example_runs_as_written(tmp_path, monkeypatch):
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = re.search(r"<!-- save-example:begin -->\s*```python\n(.*?)```\s*<!-- save-example:end -->", readme, re.S)
+    assert block, "README.md has no <!-- save-example:begin --> python block"
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "readme"}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    assert isinstance(namespace["loaded"][0], vk.CompressedLinear)
+    assert (tmp_path / "out" / "mlp-int4" / "vcon_model.safetensors").exists()
