@@ -128,6 +128,21 @@ def test_legacy_version_1_folder_still_loads_into_a_built_model(tmp_path):
     with pytest.raises(RuntimeError, match="tail.weight"):  # v1 had no alias table: strict loading says so
         vk.load_compressed(dense, str(tmp_path))
 
+    # A v1 folder of an untied model, as the previous save_compressed wrote it (safetensors.save_model).
+    torch.manual_seed(0)
+    mlp = vk.convert(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), vk.Quantize(bits=4))
+    for _, layer in vk.vcon_layers(mlp):
+        layer.set_beta(0.0)
+    mlp = vk.finalize(mlp)
+    old = tmp_path / "v1-mlp"
+    old.mkdir()
+    st.save_model(mlp, str(old / "model.safetensors"))
+    json.dump({"format_version": 1, "modules": saving.compression_metadata(mlp)},
+              open(old / "vcon_compression.json", "w"))
+    fresh = vk.load_compressed(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), str(old))
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh(x), mlp(x))
+
 
 def test_bad_inputs_are_named(tmp_path):
     model = finalized(CONFIGS["int8"])
