@@ -145,6 +145,8 @@ def test_digits_run_end_to_end(tmp_path, capsys):
     # The saved VCON model (last seed) reloads into the compressed modules and scores what was reported.
     task = get_task("digits-mlp")
     task.load()
+    with pytest.raises(ValueError, match="the factory moved or read tensor data"):  # build_model calls .to(device)
+        load_compressed(lambda: task.build_model(seed=123), os.path.join(out, "vcon-model"))
     model = load_compressed(task.build_model(seed=123), os.path.join(out, "vcon-model"))
     assert isinstance(model[0], vk.CompressedLinear)
     assert task.evaluate(model, "test")["acc"] == pytest.approx(vcon[-1]["test_acc"])
@@ -159,7 +161,7 @@ def test_default_task_tiny_run(tmp_path, capsys):
     out = str(tmp_path / "out")
     argv = ["compress", "--train-size", "32", "--val-size", "16", "--test-size", "16", "--max-length", "16",
             "--steps", "2", "--dense-steps", "1", "--eval-every", "2", "--eval-size", "16", "--batch-size", "16",
-            "--out", out, "--cache-dir", str(tmp_path / "cache"), "--quiet", "--no-plot"]
+            "--out", out, "--cache-dir", str(tmp_path / "cache"), "--quiet", "--no-plot", "--save-model"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "all-MiniLM-L6-v2 on Rotten Tomatoes" in text and "max length 16 tokens" in text
@@ -169,6 +171,20 @@ def test_default_task_tiny_run(tmp_path, capsys):
         assert r["layers"] == 36
         assert r["layers_after_mb"] < 0.2 * r["layers_before_mb"]  # 90% pruned, CSR with int16 indices
         assert r["finalize_max_abs_diff"] < 1e-4
+
+    # --save-model writes what the documented loader reads: config, tokenizer, compressed modules.
+    from transformers import AutoTokenizer
+
+    from vcon_kernels.integrations import hf
+
+    folder = os.path.join(out, "vcon-model")
+    model = hf.from_pretrained_compressed(folder)
+    assert isinstance(model.bert.encoder.layer[0].intermediate.dense, vk.CompressedLinear)
+    assert AutoTokenizer.from_pretrained(folder)("a film")["input_ids"][0] == 101  # [CLS]
+    task = get_task("minilm-rt", train_size=32, val_size=16, test_size=16, max_length=16, eval_size=16)
+    task.load()
+    vcon = [r for r in runs if r["method"] == "vcon"][-1]
+    assert task.evaluate(model, "test")["acc"] == pytest.approx(vcon["test_acc"])
 
 
 def test_pretrained_protocol_tiny_run(tmp_path, capsys):

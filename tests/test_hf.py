@@ -118,7 +118,7 @@ def test_save_load_round_trip_identical_outputs_and_smaller_file(tmp_path, token
     assert kinds == {"CompressedLinear", "LowRankLinear"}
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, expected)
-    compressed = os.path.getsize(os.path.join(folder, "model.safetensors"))
+    compressed = os.path.getsize(os.path.join(folder, "vcon_model.safetensors"))
     dense = os.path.getsize(os.path.join(minilm_path(), "model.safetensors"))
     assert compressed < 0.75 * dense  # the encoder linears are ~47% of the weights (the embeddings stay dense)
     assert os.path.exists(os.path.join(folder, "config.json")) and os.path.exists(
@@ -140,4 +140,4 @@ def test_readme_hf_example_runs_as_written(tmp_path):
                          env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     final = tmp_path / "out" / "hf-demo" / "final"
-    assert (final / "model.safetensors").exists() and (final / "vcon_compression.json").exists()
+    assert (final / "vcon_model.safetensors").exists() and (final / "vcon_compression.json").exists()

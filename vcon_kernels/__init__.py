@@ -30,6 +30,8 @@ from .convert import storage_bytes
 from .convert import vcon_layers
 from .explain import explain
 from .functional import VCONState
+from .integrations.saving import load_compressed
+from .integrations.saving import save_compressed
 from .modules import VCONConv2d
 from .modules import VCONLinear
 from .scheduler import VCONScheduler
@@ -46,7 +48,10 @@ __all__ = [
     # layers and state
     "VCONConv2d", "VCONLinear", "VCONState",
     # model-level
-    "VCONScheduler", "convert", "explain", "finalize", "refresh_masks", "refresh_state", "storage_bytes", "vcon_layers",
+    "VCONScheduler", "convert", "explain", "finalize", "refresh_masks", "refresh_state", "storage_bytes",
+    "vcon_layers",
+    # saving finalized models (integrations/saving.py)
+    "load_compressed", "save_compressed",
     # finalized layers
     "CompressedConv2d", "CompressedLinear", "LowRankConv2d", "LowRankLinear",
     # submodules

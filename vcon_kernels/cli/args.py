@@ -186,7 +186,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--cache-dir", default=None, help="where the fine-tuned dense model is cached (default OUT/cache)")
     g.add_argument("--no-cache", action="store_true", help="always fine-tune the dense model")
     g.add_argument("--save-model", action="store_true",
-                   help="save the finalized VCON model (last seed) as safetensors + JSON in OUT/vcon-model")
+                   help="save the finalized VCON model (last seed) in OUT/vcon-model: Hugging Face tasks as "
+                   "hf.save_pretrained_compressed (config + tokenizer; load with hf.from_pretrained_compressed), "
+                   "others as vk.save_compressed (load with vk.load_compressed)")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     g.add_argument("--threads", type=_threads, default="auto",
                    help="torch CPU threads; auto (default): 1 when the machine is already busy (load average "

@@ -54,6 +54,19 @@ def choose_threads(option, device: str):
     return 1 if os.getloadavg()[0] >= cores else None
 
 
+def save_model(model, task, directory: str) -> str:
+    """``--save-model``: a Hugging Face model as ``hf.save_pretrained_compressed`` (config and tokenizer
+    included, loaded by ``hf.from_pretrained_compressed``), any other model as ``vk.save_compressed``
+    (loaded by ``vk.load_compressed(factory, directory)``)."""
+    if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
+        from ..integrations import hf
+
+        return hf.save_pretrained_compressed(model, directory, tokenizer=getattr(task, "tokenizer", None))
+    from ..integrations.saving import save_compressed
+
+    return save_compressed(model, directory, metadata={"task": task.name})
+
+
 def run_compress(args, parser) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of hanging on the Hub
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -140,9 +153,7 @@ def run_compress(args, parser) -> int:
         dense_acc = dense_info.get("val_acc") if dense_info else None
         paths["plot"] = plot_curves(results, os.path.join(out, "curves.png"), dense_acc=dense_acc, title=title)
     if saved is not None:
-        from ..integrations.saving import save_compressed
-
-        paths["model"] = save_compressed(saved, os.path.join(out, "vcon-model"))
+        paths["model"] = save_model(saved, task, os.path.join(out, "vcon-model"))
     print("wrote " + ", ".join(paths.values()))
     print(f"total time {time.perf_counter() - started:.0f} s")
     return 0

@@ -94,7 +94,7 @@ class MiniLMRT(Task):
         quiet_transformers()
         transformers = require("transformers", "minilm-rt")
         self.path = minilm_path()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)
+        tokenizer = self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path)  # saved by --save-model
         sizes = {"train": self.opt("train_size"), "val": self.opt("val_size"), "test": self.opt("test_size")}
         for i, (split, (texts, labels, _)) in enumerate(rt_splits().items()):
             idx = subset(len(texts), sizes[split], seed=DATA_SEED + 1 + i).tolist()
