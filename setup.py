@@ -22,8 +22,11 @@ import sys
 from setuptools import setup
 
 CSRC = "csrc"
-BASE_SOURCES = ["module.cpp", "ops.cpp", "linear.cpp", "autograd.cpp", "select.cpp", "kernels_default.cpp"]
-AVX2_SOURCE = "kernels_avx2.cpp"
+BASE_SOURCES = [
+    "module.cpp", "ops.cpp", "linear.cpp", "autograd.cpp", "select.cpp", "kernels_default.cpp", "infer.cpp",
+    "infer_default.cpp",
+]
+AVX2_SOURCES = ("kernels_avx2.cpp", "infer_avx2.cpp")
 COMMON_FLAGS = [
     "-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-DCPU_CAPABILITY=DEFAULT",
 ]
@@ -56,15 +59,16 @@ def _extension_setup() -> dict:
     flags = list(COMMON_FLAGS)
     per_file = {}
     if _is_x86_64():
-        sources.append(os.path.join(CSRC, AVX2_SOURCE))
+        sources.extend(os.path.join(CSRC, f) for f in AVX2_SOURCES)
         flags.append("-DVCON_HAVE_AVX2")
-        per_file[AVX2_SOURCE] = AVX2_FLAGS
+        per_file.update({f: AVX2_FLAGS for f in AVX2_SOURCES})
     ext = CppExtension(
         "vcon_kernels._C",
         sources,
         extra_compile_args={"cxx": flags},
         extra_link_args=["-fopenmp"],
-        depends=[os.path.join(CSRC, f) for f in ("vcon.h", "kernels.h", "ops.h", "select.h")],
+        depends=[os.path.join(CSRC, f) for f in ("vcon.h", "kernels.h", "ops.h", "select.h", "infer.h",
+                                                 "infer_kernels.h", "infer_ops.h")],
     )
 
     class BuildExt(BuildExtension.with_options(use_ninja=False)):
@@ -88,7 +92,7 @@ def _extension_setup() -> dict:
                 # setuptools sorts the sources; put the AVX2 object last. The linker keeps the
                 # first copy of an inline function that several objects share, and that copy
                 # must be a baseline one (tests/test_cpp_backend.py checks the binary).
-                objects = sorted(objects, key=lambda o: AVX2_SOURCE[:-4] in os.path.basename(o))
+                objects = sorted(objects, key=lambda o: any(f[:-4] in os.path.basename(o) for f in AVX2_SOURCES))
                 return link_one(objects, *args, **kwargs)
 
             self.compiler._compile = _compile

@@ -5,13 +5,14 @@
 #include <torch/extension.h>
 
 #include "autograd.h"
+#include "infer_ops.h"
 #include "ops.h"
 #include "select.h"
 
 namespace {
 
 // Bumped whenever a binding changes: cpp_backend.py refuses (and falls back from) a stale build.
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 vcon::Spec make_spec(int prune, double sparsity, bool per_row, int nm_n, int nm_m, int bits, int64_t group_size,
                      bool exact, bool lowrank) {
@@ -63,6 +64,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("beta"), py::arg("threshold"),
         py::arg("scales"), py::arg("mask"), py::arg("u"), py::arg("v"), py::arg("spec"), py::arg("needs"));
 
+  m.def("infer_linear", &vcon::infer_linear, release(), "y = x W^T of a finalized (compressed) weight",
+        py::arg("x"), py::arg("fmt"), py::arg("a"), py::arg("b"), py::arg("crow"), py::arg("scales"),
+        py::arg("rows"), py::arg("bits"), py::arg("qmin"), py::arg("group_size"), py::arg("nm_n"), py::arg("nm_m"),
+        py::arg("index_bits"), py::arg("decode_max_m"));
+  m.def("infer_isa", &vcon::infer_isa, "the ISA of the finalized-layer matmul kernels in use");
   m.def("isa", &vcon::current_isa, "the ISA of the kernels in use: 'default' or 'avx2'");
   m.def("compiled_isas", &vcon::compiled_isas, "the ISAs compiled into this build");
   m.def("set_isa", &vcon::set_isa, "force 'default' or 'avx2' kernels, or 'auto'", py::arg("name"));

@@ -175,15 +175,15 @@ def test_finalized_model_compiles(case):
     torch._dynamo.config.error_on_recompile = False  # no_grad and grad-enabled calls are two graphs
     comp, counter = compiled(model)
     x = torch.randn(5, 6)
-    with torch.no_grad():
-        assert_same(comp(x), model(x), what="no-grad output")
+    with torch.no_grad():  # eager no-grad runs the C++ compressed matmul (own summation order): 1e-5
+        assert_same(comp(x), model(x), exact=False, what="no-grad output")
     y_c = comp(x)
     y_c.sum().backward()
     grad_c = model[0].weight.grad.clone()
     model.zero_grad()
     y = model(x)
     y.sum().backward()
-    # Inference-mode int8 layers use the int8 GEMM; with grads both sides take F.linear.
+    # With grads both sides take materialize + F.linear.
     assert_same(y_c, y, what="output")
     assert_same(grad_c, model[0].weight.grad, what="grad of the layer before")
     assert counter.frame_count == 2

@@ -12,14 +12,24 @@ import vcon_kernels as vk
 from vcon_kernels.compressed import CompressedLinear
 from vcon_kernels.compressed import DenseWeight
 from vcon_kernels.compressed import LowRankLinear
+from vcon_kernels.compressed import NMQuantizedWeight
 from vcon_kernels.compressed import NMSparseWeight
 from vcon_kernels.compressed import QuantizedWeight
 from vcon_kernels.compressed import SparseWeight
 from vcon_kernels.compressed import module_from_meta
 
 CASES = sorted(LINEAR_CASES)
-# int8 per-channel fp32 on CPU runs torch._weight_int8pack_mm (scale applied after the GEMM).
-INT8PACK = {"int8_channel"}
+
+
+def assert_matches_vcon(y_final, y_vcon):
+    """fp64 (plain path): bit-equal. fp32 / bf16 run the C++ compressed matmul, which sums in its
+    own order (and adds the bias after the GEMM): relative error 1e-5 in fp32, bf16 rounding."""
+    if y_vcon.dtype == torch.float64:
+        assert torch.equal(y_vcon, y_final)
+        return
+    tol = 1e-5 if y_vcon.dtype == torch.float32 else 8e-3
+    err = (y_final.double() - y_vcon.double()).norm() / y_vcon.double().norm()
+    assert err <= tol, (err.item(), tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -32,16 +42,14 @@ def test_finalized_equals_vcon_at_beta_zero(case, dtype):
         y_vcon = layer(x)
         final = vk.finalize(nn.Sequential(layer))[0]
         y_final = final(x)
-    if case in INT8PACK and dtype == torch.float32:
-        assert (y_vcon - y_final).abs().max() <= 1e-5
-    else:
-        assert torch.equal(y_vcon, y_final)
+    assert_matches_vcon(y_final, y_vcon)
 
 
 @pytest.mark.parametrize("case, storage", [
     ("prune_layer", SparseWeight), ("prune_row", DenseWeight), ("prune_nm", NMSparseWeight),
     ("prune_once", SparseWeight), ("int8_channel", QuantizedWeight), ("int4_group", QuantizedWeight),
     ("int2_tensor", QuantizedWeight), ("binary_tensor", QuantizedWeight), ("prune_binary", QuantizedWeight),
+    ("nm_int8_group", NMQuantizedWeight), ("prune_int4", QuantizedWeight),
 ])
 def test_storage_format_and_size(case, storage):
     layer = make_linear(case, out_features=64)
@@ -96,7 +104,8 @@ def test_finalize_refuses_while_beta_positive():
     forced = vk.finalize(model, force=True)
     layer = make_linear("prune_layer")
     layer.set_beta(0.0)
-    assert torch.equal(forced(x), layer(x))
+    with torch.no_grad():
+        assert_matches_vcon(forced(x), layer(x))
 
 
 def test_finalize_twice_raises():

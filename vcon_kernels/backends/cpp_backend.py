@@ -36,7 +36,7 @@ from ..torch_transforms import kept_count
 from .torch_backend import TorchBackend
 
 # The extension's binding version this module is written for (csrc/module.cpp kAbiVersion).
-ABI_VERSION = 2
+ABI_VERSION = 3
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
 
 try:

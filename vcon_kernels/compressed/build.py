@@ -12,6 +12,8 @@ from .modules import CompressedConv2d
 from .modules import CompressedLinear
 from .modules import LowRankConv2d
 from .modules import LowRankLinear
+from .sparse_quantized import NMQuantizedWeight
+from .sparse_quantized import SparseQuantizedWeight
 from .storage import DenseWeight
 from .storage import NMSparseWeight
 from .storage import QuantizedWeight
@@ -29,6 +31,19 @@ def _pruned_storage(w2d, keep, config):
     return DenseWeight(torch.where(keep, w2d, torch.zeros_like(w2d)))
 
 
+def _pruned_quantized_storage(codes, keep, scales, spec, dtype, config):
+    """The kept codes only (N:M or CSR) where that is smaller than every code packed."""
+    rows, cols = codes.shape
+    packed_bytes = rows * ((cols * spec.bits + 7) // 8)
+    prune = prune_stage(config)
+    if prune.granularity == "nm":
+        if NMQuantizedWeight.nbytes_estimate(codes.shape, prune.n, prune.m) < packed_bytes:
+            return NMQuantizedWeight(codes, keep, prune.n, prune.m, scales, spec, dtype)
+    elif SparseQuantizedWeight.nbytes_estimate(codes.shape, int(keep.sum())) < packed_bytes:
+        return SparseQuantizedWeight(codes, keep, scales, spec, dtype)
+    return QuantizedWeight(codes, scales, spec, dtype)
+
+
 @torch.no_grad()
 def build_storage(layer):
     """The compressed storage of ``C(W)`` for a (prune and/or quantize) VCON layer."""
@@ -39,11 +54,15 @@ def build_storage(layer):
     if spec.has_quant:
         cdt = transforms.compute_dtype(w2d.dtype)
         w1 = w2d.to(cdt)
+        keep = None
         if spec.has_prune:
-            w1 = torch.where(transforms.keep_mask(w2d, threshold, layer.mask, spec), w1, torch.zeros_like(w1))
+            keep = transforms.keep_mask(w2d, threshold, layer.mask, spec)
+            w1 = torch.where(keep, w1, torch.zeros_like(w1))
         codes = transforms.quant_codes(w1, scales, spec)
         if spec.bits > 1:
             codes = codes.clamp(spec.qmin, spec.qmax)
+        if keep is not None and spec.bits > 1:
+            return _pruned_quantized_storage(codes, keep, scales, spec, w2d.dtype, layer.config)
         return QuantizedWeight(codes, scales, spec, w2d.dtype)
     keep = transforms.keep_mask(w2d, threshold, layer.mask, spec)
     return _pruned_storage(w2d, keep, layer.config)

@@ -1,9 +1,9 @@
 """Finalized (truly compressed) layers: what ``vk.finalize`` swaps VCON layers for.
 
-* :class:`CompressedLinear` / :class:`CompressedConv2d`: a compressed weight storage
-  (``storage.py``) dequantized/densified on the fly at each call, plus the bias. On CPU,
-  per-channel int8 weights with fp32 inputs use ``torch._weight_int8pack_mm`` (int8
-  GEMM with the scale applied to the output) instead of rebuilding the weight.
+* :class:`CompressedLinear`: a compressed weight storage (``storage.py``) plus the bias;
+  its matmul (``matmul.py``) runs the C++ compressed kernels on CPU (decode GEMV over the
+  codes, blocked dequantize + GEMM for prefill) and rebuilds the weight elsewhere.
+* :class:`CompressedConv2d`: the weight rebuilt at each call, then ``F.conv2d``.
 * :class:`LowRankLinear` / :class:`LowRankConv2d`: plain ``nn.Sequential`` of two standard
   layers (x -> V -> U), loadable without this package.
 
@@ -18,15 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .storage import QuantizedWeight
+from .matmul import compressed_linear
 from .storage import WeightStorage
 from .storage import storage_from_meta
 
-_INT8PACK_DTYPES = (torch.float32,)
-
 
 class CompressedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` rebuilt from a compressed storage at each call."""
+    """``y = x W^T + b`` with ``W`` kept compressed (see ``matmul.py`` for the kernels).
+
+    Example usage::
+
+        final = vk.finalize(model)          # VCONLinear -> CompressedLinear
+        final.half()                        # codes stay, fp32 scales stay, computes in fp16
+    """
 
     def __init__(self, storage: WeightStorage, bias):
         super().__init__()
@@ -39,24 +43,8 @@ class CompressedLinear(nn.Module):
         """The dense weight (rebuilt; for inspection and interop, not stored)."""
         return self.storage.materialize()
 
-    def _int8pack_ok(self, x: torch.Tensor) -> bool:
-        st = self.storage
-        # _weight_int8pack_mm has no derivative: inputs that need a gradient (a trainable layer
-        # before this one) take the F.linear path.
-        return (
-            isinstance(st, QuantizedWeight) and st.bits == 8 and st.group_size == self.in_features
-            and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES and st.dtype == x.dtype
-            and not (x.requires_grad and torch.is_grad_enabled())
-        )
-
     def forward(self, x):
-        if self._int8pack_ok(x):
-            x2 = x.reshape(-1, self.in_features)
-            y = torch._weight_int8pack_mm(x2, self.storage.codes, self.storage.scales.reshape(-1))
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.storage.materialize(), self.bias)
+        return compressed_linear(x, self.storage, self.bias)
 
     def compression_meta(self) -> dict:
         return {"module": "CompressedLinear", "storage": self.storage.meta(), "bias": self.bias is not None}

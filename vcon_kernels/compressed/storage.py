@@ -12,6 +12,15 @@ computed with the same arithmetic (``codes * scale`` in the compute dtype, then 
 * :class:`NMSparseWeight`: N:M-compressed values (N, K*n/m) plus packed in-group indices.
 * :class:`DenseWeight`: the weight itself (pruning at low sparsity, where indices would
   cost more than they save).
+* :class:`NMQuantizedWeight` (prune N:M + quantize): the int8 codes of the n kept weights of
+  each group of m, their packed in-group positions and the scales (2:4 + int8: 5 bits/weight).
+* :class:`SparseQuantizedWeight` (unstructured prune + quantize): CSR of the int8 codes.
+
+dtypes: ``.to(dtype)`` / ``.half()`` / ``.to(device)`` move every buffer; integer codes stay
+integer, floating values (dense, CSR, N:M) follow the cast, and quantization scales stay
+fp32 (a bf16/fp16 scale would round, and fp16 would underflow small scales); the storage's
+``dtype`` (the dtype of the weight it rebuilds and computes in) follows the cast.
+``infer_args()`` is what the C++ kernels of ``matmul.py`` read (None: no kernel).
 
 ``meta()`` returns the small dict that, with an empty instance from ``from_meta``, lets a
 ``state_dict`` be loaded without re-deriving anything.
@@ -27,11 +36,54 @@ from ..packing import pack_uint
 from ..packing import unpack_uint
 from ..spec import TransformSpec
 
+# Format numbers of csrc/infer.h (InferFormat).
+IF_Q8, IF_QPACK, IF_Q1, IF_NM, IF_NMQ, IF_CSR, IF_CSRQ = range(7)
 _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype)
+
+
+def _row_pointers(keep: torch.Tensor) -> torch.Tensor:
+    counts = keep.sum(dim=1)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64)
+
+
+def _check_csr(storage, incompatible_keys=None) -> None:
+    """Column indices in range and row pointers consistent (the C++ kernel indexes with them)."""
+    rows, cols = storage.shape
+    crow, col = storage.crow_indices, storage.col_indices
+    nnz = col.numel()
+    if crow.numel() != rows + 1 or nnz != storage._buffers[storage.VALUES].numel():
+        raise ValueError(f"{type(storage).__name__}: crow_indices must have {rows + 1} entries and "
+                         f"col_indices one per value")
+    if crow.device.type == "cpu":  # on CUDA this would sync the host: the GPU path only gathers
+        if nnz and (int(col.min()) < 0 or int(col.max()) >= cols):
+            raise ValueError(f"{type(storage).__name__}: col_indices must lie in [0, {cols})")
+        if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow.diff() < 0).any()):
+            raise ValueError(f"{type(storage).__name__}: crow_indices must rise from 0 to nnz = {nnz}")
+
+
+def _scatter_csr(storage, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense (N, K) matrix of a CSR storage; no host sync (output_size is known)."""
+    rows, cols = storage.shape
+    device = values.device
+    row_index = torch.repeat_interleave(torch.arange(rows, device=device), storage.crow_indices.diff(),
+                                        output_size=values.numel())
+    dense = torch.zeros(storage.shape, dtype=dtype, device=device)
+    dense[row_index, storage.col_indices.long()] = values.to(dtype)
+    return dense
+
+
+def _scatter_nm(storage, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense (N, K) matrix of an N:M storage (values: (N, K*n/m))."""
+    rows, cols = storage.shape
+    n, m = storage.n, storage.m
+    positions = unpack_uint(storage.indices, storage.index_bits, values.shape[1]).long().reshape(rows, cols // m, n)
+    dense = torch.zeros(rows, cols // m, m, dtype=dtype, device=values.device)
+    dense.scatter_(-1, positions, values.to(dtype).reshape(rows, cols // m, n))
+    return dense.reshape(rows, cols)
 
 
 class WeightStorage(nn.Module):
@@ -46,6 +98,22 @@ class WeightStorage(nn.Module):
 
     def materialize(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def infer_args(self):
+        """The arguments of ``_C.infer_linear`` after x (see matmul.py), or None: no C++ kernel."""
+        return None
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to / .half / .cuda land here: learn the new dtype from a probe, and keep
+        # the quantization scales fp32 (converted from the original, so nothing rounds).
+        first = next((b for b in self._buffers.values() if b is not None), None)
+        device = first.device if first is not None else None
+        scales = self._buffers.get("scales")
+        super()._apply(fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=device)).dtype
+        if scales is not None and self._buffers["scales"].dtype != torch.float32:
+            self._buffers["scales"] = scales.to(device=self._buffers["scales"].device, dtype=torch.float32)
+        return self
 
     def meta(self) -> dict:
         return {"format": self.format_name, "shape": list(self.shape), "dtype": _dtype_name(self.dtype)}
@@ -108,6 +176,13 @@ class QuantizedWeight(WeightStorage):
         cdt = transforms.compute_dtype(self.dtype)
         return transforms.dequantize(self.integer_codes(), self.scales, self.spec, cdt).to(self.dtype)
 
+    def infer_args(self):
+        if self.bits == 8:
+            return (IF_Q8, self.codes, None, None, self.scales, 8, -128, self.group_size, 0, 0, 0)
+        if self.bits in (4, 2):
+            return (IF_QPACK, self.codes, None, None, self.scales, self.bits, self.spec.qmin, self.group_size, 0, 0, 0)
+        return (IF_Q1, self.codes, self.nonzero, None, self.scales, 1, 0, self.group_size, 0, 0, 0)
+
     def meta(self):
         return {**super().meta(), "bits": self.bits, "group_size": self.group_size,
                 "has_nonzero": getattr(self, "nonzero", None) is not None}
@@ -132,6 +207,7 @@ class SparseWeight(WeightStorage):
     """CSR storage of a pruned weight: only the kept values and their positions."""
 
     format_name = "csr"
+    VALUES = "values"
 
     def __init__(self, weight: torch.Tensor, keep: torch.Tensor):
         super().__init__(weight.shape, weight.dtype)
@@ -139,17 +215,14 @@ class SparseWeight(WeightStorage):
         index_dtype = torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
         self.register_buffer("values", weight.detach()[keep].clone())
         self.register_buffer("col_indices", keep.nonzero()[:, 1].to(index_dtype))
-        counts = keep.sum(dim=1)
-        self.register_buffer("crow_indices", torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int64))
+        self.register_buffer("crow_indices", _row_pointers(keep))
+        self.register_load_state_dict_post_hook(_check_csr)
 
     def materialize(self):
-        rows, cols = self.shape
-        row_index = torch.repeat_interleave(
-            torch.arange(rows, device=self.values.device), self.crow_indices.diff()
-        )
-        dense = torch.zeros(self.shape, dtype=self.dtype, device=self.values.device)
-        dense[row_index, self.col_indices.long()] = self.values
-        return dense
+        return _scatter_csr(self, self.values, self.dtype)
+
+    def infer_args(self):
+        return (IF_CSR, self.values, self.col_indices, self.crow_indices, None, 0, 0, 0, 0, 0, 0)
 
     def meta(self):
         return {**super().meta(), "nnz": int(self.values.numel())}
@@ -186,12 +259,10 @@ class NMSparseWeight(WeightStorage):
         self.register_buffer("indices", pack_uint(positions.reshape(rows, -1), self.index_bits))
 
     def materialize(self):
-        rows, cols = self.shape
-        kept = self.values.shape[1]
-        positions = unpack_uint(self.indices, self.index_bits, kept).long().reshape(rows, cols // self.m, self.n)
-        dense = torch.zeros(rows, cols // self.m, self.m, dtype=self.dtype, device=self.values.device)
-        dense.scatter_(-1, positions, self.values.reshape(rows, cols // self.m, self.n))
-        return dense.reshape(rows, cols)
+        return _scatter_nm(self, self.values, self.dtype)
+
+    def infer_args(self):
+        return (IF_NM, self.values, self.indices, None, None, 0, 0, 0, self.n, self.m, self.index_bits)
 
     def meta(self):
         return {**super().meta(), "n": self.n, "m": self.m}
@@ -213,6 +284,10 @@ FORMATS = {cls.format_name: cls for cls in (DenseWeight, QuantizedWeight, Sparse
 
 def storage_from_meta(meta: dict, device=None) -> WeightStorage:
     """An empty storage of the right format and shapes, ready for ``load_state_dict``."""
-    if meta.get("format") not in FORMATS:
-        raise ValueError(f"unknown storage format {meta.get('format')!r}; known: {sorted(FORMATS)}")
-    return FORMATS[meta["format"]].from_meta(meta, device=device)
+    from .sparse_quantized import NMQuantizedWeight  # builds on this module: imported late
+    from .sparse_quantized import SparseQuantizedWeight
+
+    formats = {**FORMATS, **{c.format_name: c for c in (NMQuantizedWeight, SparseQuantizedWeight)}}
+    if meta.get("format") not in formats:
+        raise ValueError(f"unknown storage format {meta.get('format')!r}; known: {sorted(formats)}")
+    return formats[meta["format"]].from_meta(meta, device=device)

@@ -1,0 +1,251 @@
+// The matmul of a finalized (compressed) linear layer: y = x W^T, W never rebuilt whole.
+//
+// * decode (M <= decode_max_m): a GEMV that reads each compressed row once (int8 / packed
+//   int4 fused in registers, the other formats dequantized row by row into an L1 buffer)
+//   and multiplies it into every row of x; rows of W are split over the threads.
+// * prefill: W is dequantized block by block (a few MiB, so the block stays in cache) into a
+//   per-thread workspace that is reused across calls, and each block goes through one
+//   single-threaded BLAS GEMM written straight into its columns of y. fp32 / fp16
+//   activations use an fp32 GEMM on the fp32 weight; bf16 activations a bf16 GEMM on the
+//   weight rounded to bf16 (what materialize() returns for a bf16 layer).
+//
+// vcon_kernels/compressed/matmul.py calls infer_linear; the arguments are the storage's
+// buffers as they are in its state_dict.
+#include "infer_ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "infer.h"
+#include "ops.h"
+
+// Fortran BLAS sgemm of the MKL that libtorch_cpu exports (LP64: 32-bit ints). torch's
+// own at::native::cpublas::gemm is not exported to extensions.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace vcon {
+namespace {
+
+// y[:, n0:n0+nb] (row stride ldy) = x (M, K) times the block w (nb, K)^T, single-threaded.
+void gemm_block(const float* w, int64_t nb, const float* x, int64_t M, int64_t K, float* y, int64_t ldy) {
+  // Column-major view: y^T block (nb x M, ld ldy) = w^T' (nb x K) * x^T (K x M).
+  const int m = static_cast<int>(nb), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int lda = k, ldb = k, ldc = static_cast<int>(ldy);
+  const float one = 1.0f, zero = 0.0f;
+  sgemm_("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &zero, y, &ldc);
+}
+
+const InferTable& infer_kernels() {
+#ifdef VCON_HAVE_AVX2
+  // Follows set_isa() / ATEN_CPU_CAPABILITY through the blend kernels' choice.
+  if (std::strcmp(kernels().isa, "avx2") == 0) {
+    return infer_avx2();
+  }
+#endif
+  return infer_default();
+}
+
+// Per-thread buffers, reused across calls (grown, never shrunk).
+template <typename T>
+T* thread_buffer(int64_t count) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) {
+    buffer.resize(count);
+  }
+  return buffer.data();
+}
+
+// Weight rows per prefill block: about 2 MiB of dequantized weight (cache-resident next to
+// its GEMM), at least two blocks per thread so the threads stay balanced.
+int64_t block_rows(int64_t rows, int64_t cols, int64_t element_size) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nb = std::max<int64_t>(16, (int64_t{2} << 20) / std::max<int64_t>(1, cols * element_size));
+  nb = std::min(nb, std::max<int64_t>(16, (rows + 2 * threads - 1) / (2 * threads)));
+  return std::min(nb, rows);
+}
+
+int64_t packed_len(int64_t cols, int64_t bits) {
+  return (cols * bits + 7) / 8;
+}
+
+void check_u8(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dtype() == at::kByte || t.dtype() == at::kChar, "vcon_kernels._C.infer_linear: ", name,
+              " must be uint8 or int8, got ", t.dtype());
+}
+
+InferArgs make_args(const at::Tensor& x, int64_t fmt, const at::Tensor& a, const OptTensor& b, const OptTensor& crow,
+                    const OptTensor& scales, int64_t rows, int64_t bits, int64_t qmin, int64_t group_size,
+                    int64_t nm_n, int64_t nm_m, int64_t index_bits) {
+  const char* op = "vcon_kernels._C.infer_linear: ";
+  const int64_t K = x.size(1);
+  InferArgs args;
+  args.fmt = static_cast<int>(fmt);
+  args.rows = rows;
+  args.cols = K;
+  args.bits = static_cast<int>(bits);
+  args.qmin = static_cast<int>(qmin);
+  args.group_size = group_size;
+  args.nm_n = static_cast<int>(nm_n);
+  args.nm_m = static_cast<int>(nm_m);
+  args.index_bits = static_cast<int>(index_bits);
+  TORCH_CHECK(rows > 0 && K > 0, op, "empty weight (", rows, ", ", K, ")");
+  TORCH_CHECK(a.device().is_cpu() && a.is_contiguous(), op, "a must be a contiguous CPU tensor");
+  args.a = a.data_ptr();
+  const bool quantized = fmt == IF_Q8 || fmt == IF_QPACK || fmt == IF_Q1 || fmt == IF_NMQ || fmt == IF_CSRQ;
+  if (quantized) {
+    TORCH_CHECK(scales.has_value() && scales->dtype() == at::kFloat && scales->is_contiguous() &&
+                    scales->device().is_cpu(),
+                op, "quantized formats need contiguous fp32 CPU scales");
+    TORCH_CHECK(group_size >= 0 && (group_size == 0 || K % group_size == 0), op, "group_size ", group_size,
+                " does not divide K = ", K);
+    const int64_t want = group_size == 0 ? 1 : rows * (K / group_size);
+    TORCH_CHECK(scales->numel() == want, op, "scales has ", scales->numel(), " values, expected ", want);
+    args.scales = scales->data_ptr<float>();
+  }
+  auto value_type = [&](const at::Tensor& v) {
+    if (v.dtype() == at::kFloat) return static_cast<int>(IV_F32);
+    if (v.dtype() == at::kBFloat16) return static_cast<int>(IV_BF16);
+    TORCH_CHECK(v.dtype() == at::kHalf, op, "values must be float32, bfloat16 or float16, got ", v.dtype());
+    return static_cast<int>(IV_F16);
+  };
+  switch (fmt) {
+    case IF_Q8:
+    case IF_QPACK:
+    case IF_Q1: {
+      check_u8(a, "codes");
+      const int64_t width = fmt == IF_Q8 ? K : packed_len(K, fmt == IF_Q1 ? 1 : bits);
+      TORCH_CHECK(fmt != IF_QPACK || bits == 4 || bits == 2, op, "packed codes need bits 4 or 2, got ", bits);
+      TORCH_CHECK(a.dim() == 2 && a.size(0) == rows && a.size(1) == width, op, "codes must be (", rows, ", ", width,
+                  "), got ", a.sizes());
+      args.a_stride = width;
+      if (fmt == IF_Q1 && b.has_value()) {
+        check_u8(*b, "nonzero");
+        TORCH_CHECK(b->is_contiguous() && b->dim() == 2 && b->size(0) == rows && b->size(1) == width, op,
+                    "nonzero bits must be (", rows, ", ", width, ")");
+        args.b = static_cast<const uint8_t*>(b->data_ptr());
+        args.b_stride = width;
+      }
+      break;
+    }
+    case IF_NM:
+    case IF_NMQ: {
+      TORCH_CHECK(nm_n > 0 && nm_m >= nm_n && K % nm_m == 0, op, "N:M ", nm_n, ":", nm_m, " does not fit K = ", K);
+      TORCH_CHECK(index_bits > 0 && (1 << index_bits) >= nm_m && index_bits <= 8 && 8 % index_bits == 0, op,
+                  "index_bits ", index_bits, " cannot hold positions < ", nm_m);
+      const int64_t kept = K / nm_m * nm_n;
+      TORCH_CHECK(a.dim() == 2 && a.size(0) == rows && a.size(1) == kept, op, "values must be (", rows, ", ", kept,
+                  "), got ", a.sizes());
+      if (fmt == IF_NM) {
+        args.value_type = value_type(a);
+      } else {
+        TORCH_CHECK(a.dtype() == at::kChar, op, "N:M codes must be int8, got ", a.dtype());
+      }
+      TORCH_CHECK(b.has_value() && b->is_contiguous() && b->dim() == 2 && b->size(0) == rows &&
+                      b->size(1) == packed_len(kept, index_bits),
+                  op, "N:M indices must be (", rows, ", ", packed_len(kept, index_bits), ")");
+      check_u8(*b, "indices");
+      args.b = static_cast<const uint8_t*>(b->data_ptr());
+      args.b_stride = b->size(1);
+      break;
+    }
+    case IF_CSR:
+    case IF_CSRQ: {
+      TORCH_CHECK(b.has_value() && crow.has_value(), op, "CSR needs column indices and row pointers");
+      TORCH_CHECK(b->is_contiguous() && (b->dtype() == at::kShort || b->dtype() == at::kInt), op,
+                  "CSR columns must be contiguous int16 or int32");
+      TORCH_CHECK(crow->is_contiguous() && crow->dtype() == at::kLong && crow->numel() == rows + 1, op,
+                  "CSR row pointers must be int64 of length ", rows + 1);
+      TORCH_CHECK(a.dim() == 1 && b->numel() == a.numel(), op, "CSR values and columns differ in length");
+      if (fmt == IF_CSR) {
+        args.value_type = value_type(a);
+      } else {
+        TORCH_CHECK(a.dtype() == at::kChar, op, "CSR codes must be int8, got ", a.dtype());
+      }
+      // Row pointers are read as offsets into values: check them (O(rows)); the columns are
+      // checked once by the storage when it is built or loaded (compressed/storage.py).
+      const int64_t* p = crow->data_ptr<int64_t>();
+      TORCH_CHECK(p[0] == 0 && p[rows] == a.numel(), op, "CSR row pointers must run from 0 to nnz");
+      for (int64_t r = 0; r < rows; ++r) {
+        TORCH_CHECK(p[r] <= p[r + 1], op, "CSR row pointers must not decrease");
+      }
+      args.b = static_cast<const uint8_t*>(b->data_ptr());
+      args.col_bytes = b->dtype() == at::kShort ? 2 : 4;
+      args.crow = p;
+      break;
+    }
+    default:
+      TORCH_CHECK(false, op, "unknown format ", fmt);
+  }
+  return args;
+}
+
+}  // namespace
+
+at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, const OptTensor& b,
+                        const OptTensor& crow, const OptTensor& scales, int64_t rows, int64_t bits, int64_t qmin,
+                        int64_t group_size, int64_t nm_n, int64_t nm_m, int64_t index_bits, int64_t decode_max_m) {
+  const char* op = "vcon_kernels._C.infer_linear: ";
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.is_contiguous(), op, "x must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.dtype() == at::kFloat || x.dtype() == at::kBFloat16 || x.dtype() == at::kHalf, op,
+              "x must be float32, bfloat16 or float16, got ", x.dtype());
+  const InferArgs args = make_args(x, fmt, a, b, crow, scales, rows, bits, qmin, group_size, nm_n, nm_m, index_bits);
+  const InferTable& k = infer_kernels();
+  const int64_t M = x.size(0), K = x.size(1), N = rows;
+  if (M == 0) {
+    return at::empty({0, N}, x.options());
+  }
+  if (M <= decode_max_m) {
+    const at::Tensor xf = x.dtype() == at::kFloat ? x : x.to(at::kFloat);
+    at::Tensor y = at::empty({M, N}, xf.options());
+    const float* xp = xf.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / K);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      k.gemv(args, xp, M, yp, n0, n1, thread_buffer<float>(K));
+    });
+    return x.dtype() == at::kFloat ? y : y.to(x.dtype());
+  }
+  if (x.dtype() == at::kBFloat16) {
+    at::Tensor y = at::empty({M, N}, x.options());
+    const int64_t nb = block_rows(N, K, 2);
+    at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t b0, int64_t b1) {
+      uint16_t* ws = thread_buffer<uint16_t>(nb * K);
+      float* row = thread_buffer<float>(K);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
+        k.dequant_bf16(args, n0, n1, ws, row);
+        // torch's bf16 matmul (oneDNN, single-threaded inside this parallel region), then
+        // into its columns of y: the copy is M x nb, small next to the GEMM's M x nb x K.
+        const at::Tensor wb = at::from_blob(ws, {n1 - n0, K}, x.options());
+        y.narrow(1, n0, n1 - n0).copy_(at::mm(x, wb.t()));
+      }
+    });
+    return y;
+  }
+  const at::Tensor xf = x.dtype() == at::kFloat ? x : x.to(at::kFloat);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nb = block_rows(N, K, 4);
+  at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t b0, int64_t b1) {
+    float* ws = thread_buffer<float>(nb * K);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
+      k.dequant_f32(args, n0, n1, ws);
+      gemm_block(ws, n1 - n0, xp, M, K, yp + n0, N);
+    }
+  });
+  return x.dtype() == at::kFloat ? y : y.to(x.dtype());
+}
+
+std::string infer_isa() {
+  return infer_kernels().isa;
+}
+
+}  // namespace vcon

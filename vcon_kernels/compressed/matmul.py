@@ -1,0 +1,67 @@
+"""``y = x W^T`` of a finalized layer: the C++ compressed kernels where they apply, else plain torch.
+
+On CPU (the C++ extension built, fp32 / bf16 / fp16 activations in the storage's dtype, no
+gradient wanted, no autocast) a storage's codes go straight to ``_C.infer_linear``:
+
+* decode (at most ``DECODE_MAX_M`` rows of x): a GEMV that reads each compressed row once;
+* prefill: the weight dequantized block by block into a reused per-thread workspace, each
+  block through one GEMM (fp32 for fp32/fp16 activations, bf16 for bf16).
+
+Everything else (CUDA, fp64, autocast, autograd, torch.compile, a missing extension) computes
+``F.linear(x, storage.materialize(), bias)``: the weight rebuilt with the arithmetic of the
+VCON layer at beta = 0 and no host synchronization.
+
+Example usage::
+
+    from vcon_kernels.compressed.matmul import compressed_linear
+    y = compressed_linear(x, layer.storage, layer.bias)   # what CompressedLinear.forward does
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The largest batch (rows of x) that takes the GEMV; above it the blocked dequantize + GEMM
+# wins (bench/bench_infer.py measures both sides of it).
+DECODE_MAX_M = 4
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+try:
+    from .. import _C
+except ImportError:  # the extension is optional: plain torch computes the same
+    _C = None
+if _C is not None and not hasattr(_C, "infer_linear"):  # a build older than these kernels
+    _C = None
+
+
+def fast_path_available() -> bool:
+    """Whether the C++ compressed matmul kernels are built into this install."""
+    return _C is not None
+
+
+def _fast_ok(x: torch.Tensor, storage) -> bool:
+    if _C is None or x.device.type != "cpu" or x.dtype not in FAST_DTYPES or x.dtype != storage.dtype:
+        return False
+    if torch.compiler.is_compiling():  # the graph gets materialize + F.linear (inductor fuses the dequantize)
+        return False
+    if torch.is_autocast_enabled("cpu"):  # autocast picks the compute dtype: the plain path follows it
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:  # the kernels have no derivative
+        return False
+    return storage.infer_args() is not None
+
+
+def compressed_linear(x: torch.Tensor, storage, bias=None) -> torch.Tensor:
+    """``x @ W^T + bias`` for a compressed ``storage`` (any leading dims of ``x``)."""
+    if x.shape[-1] != storage.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim, the layer expects {storage.shape[1]}")
+    if not _fast_ok(x, storage):
+        return F.linear(x, storage.materialize(), bias)
+    fmt, a, b, crow, scales, bits, qmin, group_size, n, m, index_bits = storage.infer_args()
+    x2 = x.reshape(-1, storage.shape[1]).contiguous()
+    y = _C.infer_linear(x2, fmt, a, b, crow, scales, storage.shape[0], bits, qmin, group_size, n, m, index_bits,
+                        DECODE_MAX_M)
+    if bias is not None:
+        y = y.add_(bias)
+    return y.reshape(*x.shape[:-1], storage.shape[0])
