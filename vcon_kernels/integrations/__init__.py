@@ -1,4 +1,5 @@
-"""Integrations: saving/loading finalized models (``saving``) and Hugging Face transformers (``hf``).
+"""Integrations: saving/loading finalized models (``saving``; also ``vk.save_compressed`` /
+``vk.load_compressed``) and Hugging Face transformers (``hf``).
 
 ``vcon_kernels.integrations.hf`` imports transformers lazily (only when used), so importing
 ``vcon_kernels`` never needs it.

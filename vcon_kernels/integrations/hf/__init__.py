@@ -4,8 +4,12 @@
   steps and logging beta;
 * :func:`convert` / :func:`matching_layers`: convert layers selected by module-name globs;
 * :func:`save_pretrained_compressed` / :func:`from_pretrained_compressed`: save a finalized
-  model (safetensors + ``config.json`` + ``vcon_compression.json``) and load it back into
-  its compressed modules without re-deriving anything.
+  model (safetensors + ``config.json`` + ``vcon_compression.json``; plain ``from_pretrained``
+  refuses such a folder) and load it back into its compressed modules, built on the meta
+  device, without re-deriving anything;
+* ``save_pretrained_compressed(model, dir, format="compressed-tensors")``: int4 / int8 weights
+  in the compressed-tensors pack-quantized layout that transformers and vLLM load
+  (``compressed_tensors.py``).
 
 Example usage::
 
