@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import transforms
+from .. import torch_transforms as transforms
 from ..packing import pack_uint
 from ..packing import packed_length
 from ..spec import TransformSpec
