@@ -41,6 +41,8 @@ from torch import nn
 
 from ...compressed import CompressedLinear
 from ...compressed import QuantizedWeight
+from ...compressed.sparse_quantized import NMQuantizedWeight
+from ...compressed.sparse_quantized import SparseQuantizedWeight
 from ..saving import _safetensors
 from ..saving import compression_metadata
 
@@ -73,7 +75,10 @@ def _quantized_codes(name: str, storage: QuantizedWeight):
 
 # Storage type -> function(name, storage) returning (codes, scales, bits, group size or None).
 # Keyed on the exact type: a storage added later (or a subclass) must be wired here explicitly.
-EXPORTERS = {QuantizedWeight: _quantized_codes}
+# Prune + quantize storages (kept codes only) export as dense codes with the pruned ones 0: the
+# format has no sparse layout any more, and 0 codes dequantize to the pruned zeros exactly.
+EXPORTERS = {QuantizedWeight: _quantized_codes, NMQuantizedWeight: _quantized_codes,
+             SparseQuantizedWeight: _quantized_codes}
 
 
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
