@@ -167,7 +167,7 @@ def test_unknown_storage_types_fail_loudly(tmp_path, monkeypatch):
     model.bert.encoder.layer[0].attention.self.query.storage.__class__ = subclass
     with pytest.raises(UnsupportedExport, match="storage NewQuantizedWeight .'new'. has no compressed-tensors export"):
         hf.save_pretrained_compressed(model, str(tmp_path / "ct"), format="compressed-tensors")
-    assert list(EXPORTERS) == [storage_type]
+    assert storage_type in EXPORTERS and subclass not in EXPORTERS
 
 
 def test_a_reloaded_vcon_folder_exports_without_the_vcon_marker(tmp_path):

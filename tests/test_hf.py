@@ -107,8 +107,8 @@ def test_save_load_round_trip_identical_outputs_and_smaller_file(tmp_path, token
         raise AssertionError("loading re-derived compression state")
 
     monkeypatch.setattr(torch.linalg, "svd", forbidden)
-    monkeypatch.setattr(vk.transforms, "prune_threshold", forbidden)
-    monkeypatch.setattr(vk.transforms, "quant_scales", forbidden)
+    monkeypatch.setattr(vk.torch_transforms, "prune_threshold", forbidden)
+    monkeypatch.setattr(vk.torch_transforms, "quant_scales", forbidden)
     loaded = hf.from_pretrained_compressed(folder)
     monkeypatch.undo()
 

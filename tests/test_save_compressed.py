@@ -73,8 +73,8 @@ def test_round_trip_from_a_meta_factory_is_exact(kind, tmp_path, monkeypatch):
         raise AssertionError("loading re-derived compression state")
 
     monkeypatch.setattr(torch.linalg, "svd", forbidden)
-    monkeypatch.setattr(vk.transforms, "prune_threshold", forbidden)
-    monkeypatch.setattr(vk.transforms, "quant_scales", forbidden)
+    monkeypatch.setattr(vk.torch_transforms, "prune_threshold", forbidden)
+    monkeypatch.setattr(vk.torch_transforms, "quant_scales", forbidden)
     loaded = vk.load_compressed(factory, str(tmp_path))
     monkeypatch.undo()
 
