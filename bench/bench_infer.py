@@ -219,7 +219,10 @@ def main(argv=None) -> None:
     write_rows(rows, args.csv)
     if any(r["op"] == "infer_linear" for r in rows):
         plot(rows, os.path.join(DATA_DIR, "infer_ratio_vs_m.png"))
-    print(markdown(rows))
+    text = markdown(rows)
+    with open(os.path.join(DATA_DIR, "infer.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

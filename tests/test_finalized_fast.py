@@ -33,7 +33,7 @@ if not matmul.fast_path_available():
     pytestmark = pytest.mark.skip(reason="the C++ extension (with infer_linear) is not built")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 2e-3}
-BATCHES = (1, 2, 3, 4, 5, 33)  # 1..4: the GEMV (DECODE_MAX_M); 5, 33: blocked dequantize + GEMM
+BATCHES = (1, 2, 3, 4, 5, 9, 33)  # the GEMV up to DECODE_MAX_M (2 bf16, 8 fp32), then dequantize + GEMM
 
 
 def _codes(shape, bits, gen, zeros=0.0):
