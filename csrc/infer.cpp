@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstring>
@@ -214,7 +215,11 @@ at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, c
   if (x.dtype() == at::kBFloat16) {
     at::Tensor y = at::empty({M, N}, x.options());
     const int64_t nb = block_rows(N, K, 2);
+    // The worker threads run tensor ops (mm, copy_): give them the caller's thread-local
+    // state (inference mode, grad mode), which OpenMP threads do not inherit.
+    const at::ThreadLocalState state;
     at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t b0, int64_t b1) {
+      at::ThreadLocalStateGuard guard(state);
       uint16_t* ws = thread_buffer<uint16_t>(nb * K);
       float* row = thread_buffer<float>(K);
       for (int64_t blk = b0; blk < b1; ++blk) {

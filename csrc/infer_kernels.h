@@ -414,19 +414,29 @@ void binary_row(const InferArgs& a, int64_t n, const float* x, float* y, int64_t
     for (int i = 0; i < MM; ++i) {
       acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     }
-    int64_t k = k0;
-    int u = 0;
-    for (; k + 8 <= k1; k += 8, u ^= 1) {
-      const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[k >> 3]), bit), bit);
+    auto step = [&](int64_t kk, int u) {
+      const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(row[kk >> 3]), bit), bit);
       const __m256 flip = _mm256_castsi256_ps(_mm256_andnot_si256(set, signbit));
-      __m256 keep = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
       if (nz != nullptr) {
-        keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(nz[k >> 3]), bit), bit));
+        const __m256 keep =
+            _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(nz[kk >> 3]), bit), bit));
+        for (int i = 0; i < MM; ++i) {
+          acc[i][u] = _mm256_add_ps(acc[i][u], _mm256_and_ps(_mm256_xor_ps(_mm256_loadu_ps(x + i * K + kk), flip), keep));
+        }
+      } else {
+        for (int i = 0; i < MM; ++i) {
+          acc[i][u] = _mm256_add_ps(acc[i][u], _mm256_xor_ps(_mm256_loadu_ps(x + i * K + kk), flip));
+        }
       }
-      for (int i = 0; i < MM; ++i) {
-        const __m256 xv = _mm256_and_ps(_mm256_xor_ps(_mm256_loadu_ps(x + i * K + k), flip), keep);
-        acc[i][u] = _mm256_add_ps(acc[i][u], xv);
-      }
+    };
+    int64_t k = k0;
+    // Two chunks per step into two accumulators (a compile-time index keeps them in registers).
+    for (; k + 16 <= k1; k += 16) {
+      step(k, 0);
+      step(k + 8, 1);
+    }
+    for (; k + 8 <= k1; k += 8) {
+      step(k, 0);
     }
     const __m256 sv = _mm256_set1_ps(s);
     for (int i = 0; i < MM; ++i) {
