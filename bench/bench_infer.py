@@ -103,8 +103,10 @@ def bench_layers(args) -> list[dict]:
                     rounds = args.rounds if m < 2048 else max(3, args.rounds // 3)
                     stats = measure_interleaved(fns, rounds=rounds, min_time_s=0.02, clock=args.clock)
                     shape = f"{m}x{k}x{k}"
-                    for name, st in stats.items():
-                        rows.append(_row("infer_linear", name, shape, dname, threads, st, rounds, args.clock))
+                    new = [_row("infer_linear", name, shape, dname, threads, st, rounds, args.clock)
+                           for name, st in stats.items()]
+                    write_rows(new, args.csv)  # as it goes: an interrupted run keeps what it measured
+                    rows += new
                     line = "  ".join(f"{f} {stats[f]['ratio_to_dense']:.2f}" for f in args.formats)
                     print(f"{dname} K={k} M={m} {threads}t dense {stats['dense']['median']:.3f} ms | {line}",
                           flush=True)
