@@ -11,14 +11,16 @@ Whole model: all-MiniLM-L6-v2 (the bundled copy of the minilm-rt task), 96 sente
 tokens (random token ids: the time does not depend on the text), every encoder linear
 finalized in each format, against the dense model; 2 threads.
 
-Writes bench/data/infer.csv (merged by key), bench/data/infer_ratio_vs_m.png and prints
-the markdown tables of bench/RESULTS.md ("Finalized modules").
+Writes bench/data/infer.csv (merged by key), bench/data/infer_ratio_vs_m.png and
+bench/data/infer.md (``_cpu`` suffixes with ``--clock cpu``): the markdown tables of
+bench/RESULTS.md ("Finalized modules").
 
 Example usage::
 
     python bench/bench_infer.py                       # the RESULTS.md grid (K = 4096 without M = 2048)
     python bench/bench_infer.py --k 2048 --m 1 16 --threads 1 --formats int8_channel csr_90
     python bench/bench_infer.py --model-only
+    python bench/bench_infer.py --k 2048 --m 1 --threads 1 --clock cpu --rounds 15 --no-model
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def _forward(module, x):
     return run
 
 
-def _row(op, provider, shape, dtype, threads, stats, rounds):
-    return dict(op=op, provider=provider, mode=f"forward_{threads}t", shape=shape, dtype=dtype,
+def _row(op, provider, shape, dtype, threads, stats, rounds, clock="wall"):
+    return dict(op=op, provider=provider, mode=f"forward_{threads}t_{clock}", shape=shape, dtype=dtype,
                 median=f"{stats['median']:.4f}", p20=f"{stats['p20']:.4f}", p80=f"{stats['p80']:.4f}",
                 device=device_name("cpu"), version=version_string(), date=now(),
                 ratio_to_dense=f"{stats['ratio_to_dense']:.3f}", unit="ms", threads=threads, rounds=rounds)
@@ -99,10 +101,12 @@ def bench_layers(args) -> list[dict]:
                     fns = {"dense": _forward(dense, x)}
                     fns.update({f: _forward(layers[dname][f][1], x) for f in args.formats})
                     rounds = args.rounds if m < 2048 else max(3, args.rounds // 3)
-                    stats = measure_interleaved(fns, rounds=rounds, min_time_s=0.02)
+                    stats = measure_interleaved(fns, rounds=rounds, min_time_s=0.02, clock=args.clock)
                     shape = f"{m}x{k}x{k}"
-                    for name, st in stats.items():
-                        rows.append(_row("infer_linear", name, shape, dname, threads, st, rounds))
+                    new = [_row("infer_linear", name, shape, dname, threads, st, rounds, args.clock)
+                           for name, st in stats.items()]
+                    write_rows(new, args.csv)  # as it goes: an interrupted run keeps what it measured
+                    rows += new
                     line = "  ".join(f"{f} {stats[f]['ratio_to_dense']:.2f}" for f in args.formats)
                     print(f"{dname} K={k} M={m} {threads}t dense {stats['dense']['median']:.3f} ms | {line}",
                           flush=True)
@@ -208,6 +212,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--model-rounds", type=int, default=5)
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu: process CPU time, immune to other jobs' time slicing (use with --threads 1)")
     parser.add_argument("--big", action="store_true", help="also K = 4096 at M = 2048 (minutes per dtype)")
     parser.add_argument("--model-only", action="store_true")
     parser.add_argument("--no-model", action="store_true")
@@ -217,9 +223,13 @@ def main(argv=None) -> None:
     if not args.no_model:
         rows += bench_model(args)
     write_rows(rows, args.csv)
+    suffix = "" if args.clock == "wall" else f"_{args.clock}"
     if any(r["op"] == "infer_linear" for r in rows):
-        plot(rows, os.path.join(DATA_DIR, "infer_ratio_vs_m.png"))
-    print(markdown(rows))
+        plot(rows, os.path.join(DATA_DIR, f"infer_ratio_vs_m{suffix}.png"))
+    text = markdown(rows)
+    with open(os.path.join(DATA_DIR, f"infer{suffix}.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -259,7 +259,23 @@ def render(rows, notes_path: str) -> str:
     if os.path.exists(notes_path):
         with open(notes_path) as f:
             lines += ["# Notes", "", f.read().strip(), ""]
+    lines += infer_section()
     return "\n".join(lines)
+
+
+def infer_section() -> list[str]:
+    """The finalized-modules section: bench_infer.py's tables (data/infer.md) + INFER_NOTES.md."""
+    tables = os.path.join(BENCH_DIR, "data", "infer.md")
+    notes = os.path.join(BENCH_DIR, "INFER_NOTES.md")
+    if not os.path.exists(tables):
+        return []
+    with open(tables) as f:
+        out = ["# Finalized modules (`python bench/bench_infer.py`, data/infer.csv)", "", f.read().strip(), "",
+               "![ratio vs M](data/infer_ratio_vs_m.png)", ""]
+    if os.path.exists(notes):
+        with open(notes) as f:
+            out += [f.read().strip(), ""]
+    return out
 
 
 def main(argv=None) -> int:

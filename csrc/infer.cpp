@@ -1,8 +1,8 @@
 // The matmul of a finalized (compressed) linear layer: y = x W^T, W never rebuilt whole.
 //
 // * decode (M <= decode_max_m): a GEMV that reads each compressed row once (int8 / packed
-//   int4 fused in registers, the other formats dequantized row by row into an L1 buffer)
-//   and multiplies it into every row of x; rows of W are split over the threads.
+//   int4 / binary / 2:4 / CSR fused in registers, the other formats dequantized row by row
+//   into an L1 buffer) and multiplies it into every row of x, on the calling thread.
 // * prefill: W is dequantized block by block (a few MiB, so the block stays in cache) into a
 //   per-thread workspace that is reused across calls, and each block goes through one
 //   single-threaded BLAS GEMM written straight into its columns of y. fp32 / fp16
@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstring>
@@ -61,11 +62,12 @@ T* thread_buffer(int64_t count) {
   return buffer.data();
 }
 
-// Weight rows per prefill block: about 2 MiB of dequantized weight (cache-resident next to
-// its GEMM), at least two blocks per thread so the threads stay balanced.
+// Weight rows per prefill block: up to 8 MiB of dequantized weight (L3-resident next to its
+// GEMM; fewer blocks mean fewer re-packings of x by the BLAS), at least two blocks per thread
+// so the threads stay balanced.
 int64_t block_rows(int64_t rows, int64_t cols, int64_t element_size) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t nb = std::max<int64_t>(16, (int64_t{2} << 20) / std::max<int64_t>(1, cols * element_size));
+  int64_t nb = std::max<int64_t>(16, (int64_t{8} << 20) / std::max<int64_t>(1, cols * element_size));
   nb = std::min(nb, std::max<int64_t>(16, (rows + 2 * threads - 1) / (2 * threads)));
   return std::min(nb, rows);
 }
@@ -205,16 +207,21 @@ at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, c
     at::Tensor y = at::empty({M, N}, xf.options());
     const float* xp = xf.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / K);
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      k.gemv(args, xp, M, yp, n0, n1, thread_buffer<float>(K));
-    });
+    // On the calling thread only: a parallel region here waits for the pool's workers, and
+    // after other ops (a dense layer, a softmax) those have gone to sleep; on the shared
+    // 2-core machine of bench/RESULTS.md waking them cost 0.3 -> 29 ms per 2048x2048 call,
+    // while the GEMV itself is memory-bound and gains little from a second core.
+    k.gemv(args, xp, M, yp, 0, N, thread_buffer<float>(K));
     return x.dtype() == at::kFloat ? y : y.to(x.dtype());
   }
   if (x.dtype() == at::kBFloat16) {
     at::Tensor y = at::empty({M, N}, x.options());
     const int64_t nb = block_rows(N, K, 2);
+    // The worker threads run tensor ops (mm, copy_): give them the caller's thread-local
+    // state (inference mode, grad mode), which OpenMP threads do not inherit.
+    const at::ThreadLocalState state;
     at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t b0, int64_t b1) {
+      at::ThreadLocalStateGuard guard(state);
       uint16_t* ws = thread_buffer<uint16_t>(nb * K);
       float* row = thread_buffer<float>(K);
       for (int64_t blk = b0; blk < b1; ++blk) {

@@ -33,7 +33,7 @@ if not matmul.fast_path_available():
     pytestmark = pytest.mark.skip(reason="the C++ extension (with infer_linear) is not built")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 2e-3}
-BATCHES = (1, 2, 3, 4, 5, 33)  # 1..4: the GEMV (DECODE_MAX_M); 5, 33: blocked dequantize + GEMM
+BATCHES = (1, 2, 3, 4, 5, 9, 33)  # the GEMV up to DECODE_MAX_M (2 bf16, 8 fp32), then dequantize + GEMM
 
 
 def _codes(shape, bits, gen, zeros=0.0):
@@ -224,3 +224,17 @@ def test_unstructured_prune_plus_int8_is_csr_of_codes():
         assert isinstance(final.storage, SparseQuantizedWeight)
         assert _rel_err(final(x), y.double()) <= 1e-5
         assert torch.equal(final.storage.integer_codes().count_nonzero(), final.storage.codes.count_nonzero())
+
+
+def test_bf16_prefill_on_worker_threads_under_inference_mode():
+    """The bf16 prefill runs torch ops on OpenMP worker threads: they get the caller's inference mode."""
+    st = _storages(64, 256, torch.bfloat16)["q8_g64"]
+    x = torch.randn(40, 256).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            y = matmul.compressed_linear(x, st)
+    finally:
+        torch.set_num_threads(threads)
+    assert _rel_err(y, F.linear(x.double(), st.materialize().double())) <= 8e-3

@@ -3,7 +3,7 @@
 On CPU (the C++ extension built, fp32 / bf16 / fp16 activations in the storage's dtype, no
 gradient wanted, no autocast) a storage's codes go straight to ``_C.infer_linear``:
 
-* decode (at most ``DECODE_MAX_M`` rows of x): a GEMV that reads each compressed row once;
+* decode (at most ``DECODE_MAX_M[dtype]`` rows of x): a GEMV that reads each compressed row once;
 * prefill: the weight dequantized block by block into a reused per-thread workspace, each
   block through one GEMM (fp32 for fp32/fp16 activations, bf16 for bf16).
 
@@ -23,8 +23,11 @@ import torch
 import torch.nn.functional as F
 
 # The largest batch (rows of x) that takes the GEMV; above it the blocked dequantize + GEMM
-# wins (bench/bench_infer.py measures both sides of it).
-DECODE_MAX_M = 4
+# wins. Measured on the 2-core AVX-512 EPYC of bench/RESULTS.md (K = N = 2048, 1 thread):
+# in fp32 the GEMV is 0.4-0.8x dense at M = 8 and loses to the GEMM from M = 16 for some
+# formats; with bf16 activations dense bf16 (oneDNN, avx512_bf16) is 2-4x faster than fp32,
+# so the GEMV only wins for the first rows.
+DECODE_MAX_M = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 2}
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 try:
@@ -61,7 +64,7 @@ def compressed_linear(x: torch.Tensor, storage, bias=None) -> torch.Tensor:
     fmt, a, b, crow, scales, bits, qmin, group_size, n, m, index_bits = storage.infer_args()
     x2 = x.reshape(-1, storage.shape[1]).contiguous()
     y = _C.infer_linear(x2, fmt, a, b, crow, scales, storage.shape[0], bits, qmin, group_size, n, m, index_bits,
-                        DECODE_MAX_M)
+                        DECODE_MAX_M[x.dtype])
     if bias is not None:
         y = y.add_(bias)
     return y.reshape(*x.shape[:-1], storage.shape[0])
