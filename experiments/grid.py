@@ -54,6 +54,7 @@ def parse():
                    help="finetuned: compress the cached fine-tuned dense model; pretrained: the paper's protocol "
                    "(compress the pretrained model while it learns the task; method 'dense' = the same start "
                    "fine-tuned at the same budget)")
+    p.add_argument("--lowrank-init", default="split", choices=("split", "reference"))
     p.add_argument("--shared-batchnorm", action="store_true",
                    help="VCON keeps one BatchNorm per conv (the behaviour before the per-path BatchNorm)")
     p.add_argument("--tag", default="", help="free label stored with each run (e.g. the investigation)")
@@ -97,13 +98,14 @@ def main():
     # Seeds outermost: a grid stopped early still has every compression for the seeds it finished.
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.compressions.split(","):
-            config = compression(name, args.task, mask_update, args.grad)
+            config = compression(name, args.task, mask_update, args.grad, args.lowrank_init)
             for method in args.methods.split(","):
                 transition = transitions.get(method, 0)
                 key = [args.task, name, method, seed, args.lr, transition, settings.steps, args.schedule,
                        args.lr_schedule, str(mask_update), args.grad, splits, settings.clip]
                 key += [args.start] if pretrained else []  # finetuned keys stay those of the earlier logs
                 key += ["shared-bn"] if args.shared_batchnorm and method == "vcon" else []
+                key += ["init=reference"] if args.lowrank_init == "reference" and name == "lowrank" else []
                 if method == "dense":  # the paper protocol's dense reference: the same for every compression
                     if not pretrained:
                         raise SystemExit("method 'dense' is the reference of --from pretrained only")
@@ -125,6 +127,7 @@ def main():
                          transition=transition, steps=settings.steps, schedule=args.schedule,
                          lr_schedule=args.lr_schedule, mask_update=str(mask_update), grad=args.grad, tag=args.tag,
                          clip=settings.clip, start=args.start, batchnorm="shared" if args.shared_batchnorm else "split",
+                         lowrank_init=args.lowrank_init,
                          dense_val_acc=dense_info["val_acc"], dense_test_acc=dense_info["test_acc"],
                          wall_s=time.time() - started)
                 with open(args.out, "a") as f:

@@ -30,12 +30,14 @@ COMPRESSIONS = {
 }
 
 
-def compression(name: str, task: str, mask_update="step", grad="ste"):
-    """The config of a named compression, with the investigation knobs (mask policy, gradient mode)."""
+def compression(name: str, task: str, mask_update="step", grad="ste", lowrank_init="split"):
+    """The config of a named compression, with the investigation knobs (mask policy, gradient mode, low-rank init)."""
     import dataclasses
 
     config = COMPRESSIONS[name](task)
     changes = {"grad": grad}
     if isinstance(config, vk.Prune):
         changes["update"] = mask_update
+    if isinstance(config, vk.LowRank):
+        changes["init"] = lowrank_init
     return dataclasses.replace(config, **changes)

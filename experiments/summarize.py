@@ -15,8 +15,9 @@ import json
 import statistics
 from collections import OrderedDict
 
-METHODS = ("dense", "oneshot", "gradual", "vcon")
-LABELS = {"dense": "dense", "oneshot": "one-shot", "gradual": "gradual", "vcon": "VCON"}
+METHODS = ("dense", "oneshot", "gradual", "vcon-shared-bn", "vcon")
+LABELS = {"dense": "dense", "oneshot": "one-shot", "gradual": "gradual", "vcon-shared-bn": "VCON (shared BN)",
+          "vcon": "VCON"}
 
 
 def load(paths):

@@ -31,6 +31,9 @@ def test_config_from_options():
     assert config_from_args(parse("--method", "lowrank")) == vk.LowRank(rank=16)
     assert config_from_args(parse("--method", "lowrank", "--rank-ratio", "0.25", "--grad", "exact")) == \
         vk.LowRank(rank_ratio=0.25, grad="exact")
+    assert config_from_args(parse("--method", "lowrank", "--lowrank-init", "reference", "--grad", "exact")) == \
+        vk.LowRank(rank=16, grad="exact", init="reference")
+    assert parse("--shared-batchnorm").shared_batchnorm and not parse().shared_batchnorm
     assert config_from_args(parse("--granularity", "nm", "--nm", "1:4", "--mask-update", "10")) == \
         vk.Prune(granularity="nm", n=1, m=4, update=10)
     assert config_from_args(parse("--method", "prune+quantize", "--sparsity", "0.5", "--bits", "8")) == \
@@ -55,6 +58,8 @@ def test_unknown_option_names_the_closest_one(capsys):
     (["--methods", "vcon,magic"], "subset of oneshot,gradual,vcon"),
     (["--mask-update", "often"], "'step', 'once' or a positive int"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--lowrank-init", "reference"], "--lowrank-init applies to --method lowrank, not prune"),
+    (["--method", "lowrank", "--lowrank-init", "svd"], "invalid choice: 'svd'"),
 ])
 def test_bad_values_are_rejected_with_the_accepted_ones(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

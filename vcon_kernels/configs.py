@@ -227,6 +227,10 @@ class Quantize(VCONConfig):
         return TransformSpec(bits=self.bits, group_size=self.group_for(in_features), exact=False)
 
 
+# How LowRank shares the singular values between its factors (see LowRank's docstring).
+LOWRANK_INITS = ("split", "reference")
+
+
 @dataclass(frozen=True)
 class LowRank(VCONConfig):
     """Low-rank factorization: ``g(x) = (x V^T) U^T`` with U (N, r), V (r, K).
@@ -244,15 +248,24 @@ class LowRank(VCONConfig):
     parameter; AdamW's weight decay and momentum still move W, which only matters if beta is
     raised again (freeze it with ``layer.weight.requires_grad_(False)`` to skip the optimizer too).
 
+    ``init``: how the singular values are shared between the factors. ``"split"``
+    (default): ``sqrt(S_r)`` in each, as above. ``"reference"``: all of S in the output
+    factor, ``U = U_r diag(S_r)``, ``V = V_r^T``, as the authors' code does. The product is
+    the same, but AdamW's updates are not invariant to the split, so training differs.
+    ``LowRank(..., grad="exact", init="reference")`` is the setting that reproduces the
+    reference algorithm (its dense weight gets ``beta G``).
+
     Example usage::
 
         vk.LowRank(rank=16)
         vk.LowRank(rank_ratio=0.25)
+        vk.LowRank(rank=16, grad="exact", init="reference")   # the authors' reference algorithm
     """
 
     rank: Optional[int] = None
     rank_ratio: Optional[float] = None
     grad: str = "ste"
+    init: str = "split"
 
     def __post_init__(self):
         if (self.rank is None) == (self.rank_ratio is None):
@@ -264,6 +277,8 @@ class LowRank(VCONConfig):
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r <= 1.0):
                 raise ValueError(f"rank_ratio must be a float in (0, 1], got {r!r}")
         _check_grad(self.grad)
+        if self.init not in LOWRANK_INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, LOWRANK_INITS))}, got {self.init!r}")
 
     @property
     def stage_names(self):

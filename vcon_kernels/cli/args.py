@@ -15,6 +15,7 @@ import vcon_kernels as vk
 from ..comparison.methods import METHOD_NAMES
 from ..comparison.runner import LR_SCHEDULES
 from ..comparison.runner import START_POINTS
+from ..configs import LOWRANK_INITS
 from ..scheduler import SCHEDULES
 from ..tasks import DEFAULT_TASK
 from ..tasks import TASKS
@@ -152,6 +153,12 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--rank", type=int, default=None, help="low rank: rank of every layer (default 16)")
     g.add_argument("--rank-ratio", type=float, default=None, help="low rank: rank = ratio * min(N, K) instead")
     g.add_argument("--grad", default="ste", choices=("ste", "exact"), help="gradient mode (default ste)")
+    g.add_argument("--lowrank-init", default="split", choices=LOWRANK_INITS,
+                   help="low rank: factors from the SVD as U sqrt(S), sqrt(S) V^T (split, default) or U S, V^T "
+                   "(reference: the authors' code; with --grad exact it reproduces it)")
+    g.add_argument("--shared-batchnorm", action="store_true",
+                   help="one BatchNorm for the blend of a conv that feeds a BatchNorm (default: each path its "
+                   "own BatchNorm, see the README's BatchNorm section)")
     g = p.add_argument_group("training (the same budget for every method)")
     g.add_argument("--methods", type=_methods, default=list(METHOD_NAMES), help="default oneshot,gradual,vcon")
     g.add_argument("--from", dest="start", default="finetuned", choices=START_POINTS,
@@ -209,6 +216,8 @@ def check_args(parser: ArgumentParser, args) -> None:
         fail("give --rank or --rank-ratio, not both")
     if args.method != "lowrank" and (args.rank is not None or args.rank_ratio is not None):
         fail(f"--rank/--rank-ratio apply to --method lowrank, not {args.method}")
+    if args.method != "lowrank" and args.lowrank_init != "split":
+        fail(f"--lowrank-init applies to --method lowrank, not {args.method}")
     if args.start == "pretrained":
         if not TASKS[args.task].pretrained:
             fail(f"--from pretrained: task {args.task} has no pretrained model (its dense model is trained from "
@@ -247,8 +256,8 @@ def config_from_args(args) -> vk.VCONConfig:
                             grad=args.grad)
     if args.method == "lowrank":
         if args.rank_ratio is not None:
-            return vk.LowRank(rank_ratio=args.rank_ratio, grad=args.grad)
-        return vk.LowRank(rank=args.rank if args.rank is not None else 16, grad=args.grad)
+            return vk.LowRank(rank_ratio=args.rank_ratio, grad=args.grad, init=args.lowrank_init)
+        return vk.LowRank(rank=args.rank if args.rank is not None else 16, grad=args.grad, init=args.lowrank_init)
     if prune is not None and quant is not None:
         return vk.Compose(prune, quant)
     return prune if prune is not None else quant
@@ -268,7 +277,8 @@ def describe_config(config: vk.VCONConfig) -> str:
                                                                       f"groups of {config.group_size}")
         return f"{name} {gran}"
     if isinstance(config, vk.LowRank):
-        return f"low rank r={config.rank}" if config.rank is not None else f"low rank {config.rank_ratio:g} min(N,K)"
+        text = f"low rank r={config.rank}" if config.rank is not None else f"low rank {config.rank_ratio:g} min(N,K)"
+        return text + (", S in U (reference init)" if config.init == "reference" else "")
     return repr(config)
 
 

@@ -122,7 +122,8 @@ def run_compress(args, parser) -> int:
             results.append(result)
         for method in args.methods:
             result = compress_run(task, state, method, config, settings, transition, seed, schedule=args.schedule,
-                                  prune_every=args.prune_every, progress=progress, base_model=dense)
+                                  prune_every=args.prune_every, progress=progress, base_model=dense,
+                                  split_batchnorm=not args.shared_batchnorm)
             model = result.pop("model")
             if args.save_model and method == "vcon":
                 saved = model

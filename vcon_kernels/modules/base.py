@@ -237,11 +237,14 @@ class VCONLayerBase(nn.Module):
         rows, cols = w2d.shape
         rank = self.config.rank_for(rows, cols)
         u, s, vh = torch.linalg.svd(w2d.detach().to(torch.float64), full_matrices=False)
-        root = s[:rank].sqrt()
+        if getattr(self.config, "init", "split") == "reference":  # all of S in U, as the authors' code
+            left, right = s[:rank], torch.ones_like(s[:rank])
+        else:
+            left = right = s[:rank].sqrt()
         u_shape, v_shape = self._lowrank_shapes(rank)
         # Contiguous: LAPACK returns column-major factors, and FSDP2 cannot shard such parameters.
-        factor_u = (u[:, :rank] * root).reshape(u_shape).to(self.weight.dtype).contiguous()
-        factor_v = (root[:, None] * vh[:rank]).reshape(v_shape).to(self.weight.dtype).contiguous()
+        factor_u = (u[:, :rank] * left).reshape(u_shape).to(self.weight.dtype).contiguous()
+        factor_v = (right[:, None] * vh[:rank]).reshape(v_shape).to(self.weight.dtype).contiguous()
         self.lowrank_u = nn.Parameter(factor_u, requires_grad=self.weight.requires_grad)
         self.lowrank_v = nn.Parameter(factor_v, requires_grad=self.weight.requires_grad)
 
