@@ -39,7 +39,8 @@ test: $(STAMP)
 # A second, light venv: torch 2.13 CPU imports Triton 3.6.0 fine. It runs a deliberate subset (CI
 # budget): the interpreted kernel tests below and half of the compile check's rotation sample (the
 # half alternates with the slot; vcon_kernels/ops/aot.py). The package and its C++ extension come
-# from the working tree (PYTHONPATH), built by the main venv's editable install.
+# from the working tree (PYTHONPATH), built by the main venv's editable install. numpy < 2.4: Triton
+# 3.6's interpreter turns 1-element arrays into ints (`range(runtime_int)`), which numpy 2.4 refuses.
 VENV36 := .venv-triton36
 STAMP36 := $(VENV36)/.installed
 TRITON36_PIN := triton==3.6.0
@@ -49,7 +50,7 @@ AOT_SLOT ?= $(shell git rev-list --count HEAD 2>/dev/null || echo 0)
 $(STAMP36):
 	$(PYTHON) -m venv $(VENV36)
 	$(VENV36)/bin/python -m pip install -q $(TORCH_PIN)
-	$(VENV36)/bin/python -m pip install -q $(TORCH_PIN) $(TRITON36_PIN) numpy pytest pytest-xdist hypothesis
+	$(VENV36)/bin/python -m pip install -q $(TORCH_PIN) $(TRITON36_PIN) "numpy<2.4" pytest pytest-xdist hypothesis
 	touch $(STAMP36)
 
 test-triton36: $(STAMP) $(STAMP36)

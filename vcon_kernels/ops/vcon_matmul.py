@@ -101,8 +101,12 @@ def _prune_configs(configs, named_args, **kwargs):
 # values). The JIT specializes every int == 1 into a constant anyway, so a 0/1 runtime flag never
 # saved a compile; the cheap epilogue-only and per-row values are kept out of the specialization
 # (``do_not_specialize``) so that they do not multiply the programs a GPU compiles.
-@triton.jit(do_not_specialize=["M_KEY", "N_KEY", "K_KEY", "thr_stride", "mask_stride", "nm_n", "scale_row_stride",
-                               "group_size", "prune_kind", "quant_on", "has_bias", "scale_mode"])
+# (Not under the interpreter, where specialization means nothing.)
+_UNSPECIALIZED = [] if INTERPRET else ["thr_stride", "mask_stride", "nm_n", "scale_row_stride", "group_size",
+                                       "prune_kind", "quant_on", "has_bias", "scale_mode"]
+
+
+@triton.jit(do_not_specialize=["M_KEY", "N_KEY", "K_KEY"] + _UNSPECIALIZED)
 def _vcon_matmul_kernel(
     a_ptr, b_ptr, out_ptr, bias_ptr, a2_ptr, b2_ptr, rowsum_ptr,
     M, N, K, R,
