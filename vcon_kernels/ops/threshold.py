@@ -41,7 +41,10 @@ MAX_PROGRAMS = 4 if INTERPRET else 1024
 ROWS_PER_PROGRAM = 16 if INTERPRET else 1
 
 
-@triton.jit
+# chunks_per_prog is a loop trip count that depends on the layer's size (1 for some, 2 or 8 for
+# others): unspecialized, one program serves every layer size instead of one per "== 1" case.
+# (Not under the interpreter, where specialization means nothing.)
+@triton.jit(do_not_specialize=[] if INTERPRET else ["chunks_per_prog"])
 def _radix_histogram_kernel(w_ptr, stride_r, n_segments, seg_len, chunks_per_prog, prefix_ptr, hist_ptr,
                             SHIFT: tl.constexpr, PER_ROW: tl.constexpr, SEGS: tl.constexpr, BLOCK: tl.constexpr):
     local = tl.arange(0, SEGS)

@@ -26,12 +26,14 @@ Example usage::
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .safe_autotune import safe_autotune
 from .transform import load_row_state
 from .transform import transform_tile
 from .utils import AUTOTUNE
@@ -54,6 +56,21 @@ GPU_CONFIGS = [
     (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4), (16, 128, 64, 4, 4),
 ]
+def _tuned_rows() -> list:
+    """GPU_CONFIGS, or its first n rows plus the decode row with ``VCON_TRITON_TUNE_CONFIGS=n``.
+
+    ``bench/gpu_check.sh`` sets it so that one device call (8 minutes, compiles included: 1-30 s
+    per config and key) can tune every benchmark key.
+    """
+    raw = os.environ.get("VCON_TRITON_TUNE_CONFIGS", "")
+    if not raw:
+        return list(GPU_CONFIGS)
+    if not raw.isdigit() or not 1 <= int(raw) <= len(GPU_CONFIGS):
+        raise ValueError(f"VCON_TRITON_TUNE_CONFIGS must be an integer in [1, {len(GPU_CONFIGS)}], got {raw!r}")
+    n = int(raw)
+    return GPU_CONFIGS[:n] + ([GPU_CONFIGS[-1]] if n < len(GPU_CONFIGS) else [])
+
+
 # One config without autotuning. Under the interpreter big tiles are cheapest (its cost is per
 # program and K step); tests shrink INTERPRET_CONFIG to cover several tiles per dimension.
 DEFAULT_GPU_CONFIG = (64, 128, 64, 4, 3)
@@ -69,21 +86,36 @@ def _as_config(row):
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles much taller than the bucketed M (they would only compute padding)."""
-    m = named_args["M_KEY"]
+    """Drop tiles much taller than the bucketed M (they would only compute padding).
+
+    The autotuner passes positional arguments as ``named_args`` and keyword arguments as
+    ``kwargs``; ``launch`` passes everything by keyword.
+    """
+    m = {**named_args, **kwargs}["M_KEY"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(2 * m, 16)]
     return kept or configs[-1:]
 
 
-@triton.jit(do_not_specialize=["M_KEY", "N_KEY", "K_KEY"])
+# Mode flags that change the hot loop are constexprs (one lean program per mode: the sm_90 audit
+# measured 243-254 -> 133-171 registers, no spills, vectorized B loads without them as runtime
+# values). The JIT specializes every int == 1 into a constant anyway, so a 0/1 runtime flag never
+# saved a compile; the cheap epilogue-only and per-row values are kept out of the specialization
+# (``do_not_specialize``) so that they do not multiply the programs a GPU compiles.
+# (Not under the interpreter, where specialization means nothing.)
+_UNSPECIALIZED = [] if INTERPRET else ["thr_stride", "mask_stride", "nm_n", "scale_row_stride", "group_size",
+                                       "prune_kind", "quant_on", "has_bias", "scale_mode"]
+
+
+@triton.jit(do_not_specialize=["M_KEY", "N_KEY", "K_KEY"] + _UNSPECIALIZED)
 def _vcon_matmul_kernel(
     a_ptr, b_ptr, out_ptr, bias_ptr, a2_ptr, b2_ptr, rowsum_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on,
     stride_a2m, stride_a2r, stride_b2r, stride_b2n,
-    w_ptr, stride_wr, stride_wc, beta_ptr, thr_ptr, thr_stride, mask_ptr, mask_stride, stored_mask,
-    nm_n, nm_m, nm_in_tile, scale_ptr, scale_row_stride, group_size, scale_grouped, binary, qmin, qmax,
-    prune_kind, quant_on, has_bias, do_rowsum, scale_mode, M_KEY, N_KEY, K_KEY,
+    w_ptr, stride_wr, stride_wc, beta_ptr, thr_ptr, thr_stride, mask_ptr, mask_stride, stored_mask: tl.constexpr,
+    nm_n, nm_m, nm_in_tile: tl.constexpr, scale_ptr, scale_row_stride, group_size, scale_grouped: tl.constexpr,
+    binary: tl.constexpr, qmin, qmax,
+    prune_kind, quant_on, has_bias, do_rowsum: tl.constexpr, scale_mode, M_KEY, N_KEY, K_KEY,
     PRUNE: tl.constexpr, QUANT: tl.constexpr, B_IS_W: tl.constexpr, EXACT_COEF: tl.constexpr,
     LOWRANK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -111,9 +143,8 @@ def _vcon_matmul_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    # Bias, row sums and scalar epilogues are runtime flags (uniform branches), not constexprs:
-    # fewer variants to compile.
-    rowsum_here = (do_rowsum != 0) & (pid_n == 0)
+    # Bias and scalar epilogues are runtime flags (uniform branches after the K loop).
+    rowsum_here = pid_n == 0
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
@@ -122,8 +153,9 @@ def _vcon_matmul_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if rowsum_here:
-            row_sum += tl.sum(a.to(tl.float32), axis=1)
+        if do_rowsum:  # a constexpr: no A tile in registers unless row sums are wanted
+            if rowsum_here:
+                row_sum += tl.sum(a.to(tl.float32), axis=1)
         if TRANSFORM:
             valid = k_ok[:, None] & n_ok[None, :]
             if B_IS_W == 1:  # b[k, n] = W[n, k]: W rows run along the tile's axis 1
@@ -180,8 +212,9 @@ def _vcon_matmul_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, cast_to(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
-    if rowsum_here:
-        tl.store(rowsum_ptr + offs_m, cast_to(row_sum, rowsum_ptr.dtype.element_ty, UPCAST), mask=m_ok)
+    if do_rowsum:
+        if rowsum_here:
+            tl.store(rowsum_ptr + offs_m, cast_to(row_sum, rowsum_ptr.dtype.element_ty, UPCAST), mask=m_ok)
 
 
 _KEYS = ["M_KEY", "N_KEY", "K_KEY", "PRUNE", "QUANT", "B_IS_W", "EXACT_COEF", "LOWRANK", "prune_kind", "quant_on",
@@ -191,10 +224,27 @@ def _tune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-_vcon_matmul_tuned = triton.autotune(
-    configs=[_as_config(c) for c in GPU_CONFIGS], key=_KEYS, prune_configs_by={"early_config_prune": _prune_configs},
+_vcon_matmul_tuned = safe_autotune(
+    configs=[_as_config(c) for c in _tuned_rows()], key=_KEYS, prune_configs_by={"early_config_prune": _prune_configs},
     do_bench=_tune_bench,
 )(_vcon_matmul_kernel)
+
+
+def tile_configs(dtype: str) -> list:
+    """Every tile config a GEMM launch of operand ``dtype`` ("bf16", "fp16", "fp32") can get on a GPU.
+
+    ``[(label, constexprs, num_warps, num_stages)]``: the autotune configs, then the untuned
+    default (``VCON_TRITON_AUTOTUNE=0``); the compile check (``aot.py``) compiles all of them.
+    """
+    out = []
+    for bm, bn, bk, warps, stages in GPU_CONFIGS:
+        out.append((f"BM{bm}xBN{bn}xBK{bk}_w{warps}s{stages}", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                    warps, stages))
+    bm, bn, bk, warps, stages = DEFAULT_GPU_CONFIG
+    if dtype == "fp32":
+        bk //= 2
+    out.append(("default", dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages))
+    return out
 
 
 def min_tile() -> int:

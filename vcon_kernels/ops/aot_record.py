@@ -1,0 +1,123 @@
+"""Record the kernel launches a real model makes, on CPU tensors, for the ahead-of-time compile check.
+
+Nothing runs: ``utils.capture_launches`` keeps ``(kernel, kwargs)`` instead of launching. The
+launchers are called over every compression mode x dtype x gradient mode x strategy x bias,
+at one shape per *specialization class* of a real layer. The GPU JIT compiles one program
+per class, not per shape: an int argument is specialized only by "== 1" (a constexpr) and
+"divisible by 16" (``tt.divisibility=16``), a pointer only by 16-byte alignment. So:
+
+* ``"tokens"``: M = 32, K = 2048, N = 256, rank 16 stands for a training or prefill batch of a
+  real layer (M = 512 or 8192, K = N = 4096, rank 64): every size and stride is a multiple
+  of 16 in both, so the same programs are compiled (``tests/test_aot.py`` checks this
+  equivalence against a 4096 x 4096 layer for the fused strategy).
+* ``"decode"``: M = 1 (one token): M becomes a constexpr, a separate program.
+* ``"odd"``: M = 70, K = 52 or 48 (what the mode allows), N = 37, rank 5: a layer whose
+  sizes are not multiples of 16 (masked edges, no divisibility hints).
+
+Example usage::
+
+    records = record_launches(dtypes=(torch.bfloat16,))   # [(kernel, kwargs), ...]
+"""
+
+from __future__ import annotations
+
+import torch
+
+# name -> (M, N, K for the modes that allow any K, K for N:M and groups, rank); quantization groups
+# are 128 wide (as real ones) or 4 ("odd": K = 52). K = 2048 because the launchers size some blocks
+# by the row length up to 2048 (per-row radix select, group reductions).
+SHAPES = {
+    "tokens": (32, 256, 2048, 2048, 16),
+    "decode": (1, 256, 2048, 2048, 16),
+    "odd": (70, 37, 53, 52, 5),
+}
+
+
+def cases():
+    """(name, config factory taking (grad, group size), needs a structured K): one per mode and granularity."""
+    from .. import configs as c
+
+    return [
+        ("prune_layer", lambda g, gs: c.Prune(sparsity=0.6, grad=g), False),
+        ("prune_row", lambda g, gs: c.Prune(sparsity=0.3, granularity="row", grad=g), False),
+        ("prune_nm", lambda g, gs: c.Prune(granularity="nm", n=2, m=4, grad=g), True),
+        ("prune_once", lambda g, gs: c.Prune(sparsity=0.6, update="once", grad=g), False),
+        ("int8_channel", lambda g, gs: c.Quantize(bits=8, grad=g), False),
+        ("int4_group", lambda g, gs: c.Quantize(bits=4, granularity="group", group_size=gs, grad=g), True),
+        ("int2_tensor", lambda g, gs: c.Quantize(bits=2, granularity="tensor", grad=g), False),
+        ("binary_tensor", lambda g, gs: c.Quantize(bits=1, granularity="tensor", grad=g), False),
+        ("binary_channel", lambda g, gs: c.Quantize(bits=1, granularity="channel", grad=g), False),
+        ("prune_int4", lambda g, gs: c.Compose(c.Prune(sparsity=0.5, grad=g), c.Quantize(bits=4, grad=g)), False),
+        ("nm_int8_group", lambda g, gs: c.Compose(c.Prune(granularity="nm", grad=g),
+                                              c.Quantize(bits=8, granularity="group", group_size=gs, grad=g)), True),
+        ("nm_mask_int8", lambda g, gs: c.Compose(c.Prune(granularity="nm", update="once", grad=g),
+                                             c.Quantize(bits=8, grad=g)), True),
+        ("nm_3_6", lambda g, gs: c.Prune(granularity="nm", n=3, m=6, grad=g), True),  # m not a power of 2
+        ("prune_binary", lambda g, gs: c.Compose(c.Prune(sparsity=0.8, grad=g), c.Quantize(bits=1, grad=g)), False),
+        ("lowrank", None, False),
+    ]
+
+
+def _layer(name, factory, structured, shape, grad, dtype):
+    from .. import configs as c
+    from ..modules import VCONLinear
+
+    m, n, k_any, k_struct, rank = SHAPES[shape]
+    k = k_struct if structured else k_any
+    if name == "nm_3_6":
+        k = 48 if shape == "odd" else 2016  # a multiple of 6 (and of 16 where the shape is "tokens")
+    config = c.LowRank(rank=rank, grad=grad) if factory is None else factory(grad, 4 if shape == "odd" else 128)
+    torch.manual_seed(0)
+    return VCONLinear(k, n, config=config, dtype=dtype), m
+
+
+def record_layer(layer, m: int, strategies=None, biases=(True, False)) -> list:
+    """The launches of one layer: state (threshold, scales, W_eff, exact coefficient), forward, backward."""
+    from . import dispatch
+    from .blend_weight import blend_weight
+    from .linear_backward import linear_backward
+    from .linear_forward import linear_forward
+    from .scales import quant_scales
+    from .threshold import prune_threshold
+    from .utils import capture_launches
+    from .weight_grad import weight_grad
+    from .weight_state import WeightState
+
+    spec, w, beta = layer.spec(), layer.weight.detach(), layer.beta
+    n, k = w.shape
+    thr = torch.zeros(spec.threshold_shape(n), dtype=torch.float32)
+    scales = torch.ones(spec.scales_shape(n, k), dtype=torch.float32)
+    u = v = None
+    if spec.lowrank:
+        u, v = layer.lowrank_u.detach(), layer.lowrank_v.detach()
+    records: list = []
+    with capture_launches(records):
+        if spec.has_prune and spec.prune == 1:
+            prune_threshold(w, spec.sparsity, spec.per_row)
+        state = WeightState(w, beta, thr, scales, layer.mask, spec)
+        if spec.has_quant:
+            quant_scales(state)
+        if spec.has_prune or spec.has_quant:
+            blend_weight(state)
+            weight_grad(torch.ones_like(w), state)
+        x = torch.ones(m, k, dtype=w.dtype)
+        for strategy in strategies or dispatch.STRATEGIES:
+            with dispatch.force(strategy):
+                for with_bias in biases:
+                    bias = layer.bias.detach() if with_bias else None
+                    y = linear_forward(x, w, bias, beta, thr, scales, layer.mask, u, v, spec)
+                    linear_backward(y, x, w, bias, beta, thr, scales, layer.mask, u, v, spec, (True,) * 4)
+    return records
+
+
+def record_launches(dtypes=(torch.float32, torch.bfloat16, torch.float16), shapes=tuple(SHAPES)) -> list:
+    """Every ``(kernel, kwargs, origin)`` the Triton ops launch, over modes x dtypes x grads x shapes x
+    strategies x bias; ``origin`` names the case, gradient mode and shape (``"int8_channel/ste/tokens"``)."""
+    records: list = []
+    for name, factory, structured in cases():
+        for dtype in dtypes:
+            for grad in ("ste", "exact"):
+                for shape in shapes:
+                    layer, m = _layer(name, factory, structured, shape, grad, dtype)
+                    records += [(kern, kw, f"{name}/{grad}/{shape}") for kern, kw in record_layer(layer, m)]
+    return records
