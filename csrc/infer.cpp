@@ -3,7 +3,7 @@
 // * decode (M <= decode_max_m): a GEMV that reads each compressed row once (int8 / packed
 //   int4 / binary / 2:4 / CSR fused in registers, the other formats dequantized row by row
 //   into an L1 buffer) and multiplies it into every row of x, on the calling thread.
-// * prefill: W is dequantized block by block (a few MiB, so the block stays in cache) into a
+// * prefill: W is dequantized block by block (up to 8 MiB, so the block stays in L3) into a
 //   per-thread workspace that is reused across calls, and each block goes through one
 //   single-threaded BLAS GEMM written straight into its columns of y. fp32 / fp16
 //   activations use an fp32 GEMM on the fp32 weight; bf16 activations a bf16 GEMM on the
