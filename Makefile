@@ -35,6 +35,32 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
+# -- Triton 3.6.0 (the version next to torch 2.11 on the lent GPU machines) -------------------------------
+# A second, light venv: torch 2.13 CPU imports Triton 3.6.0 fine. It runs a deliberate subset (CI
+# budget): the interpreted kernel tests below and a smaller rotation sample of the compile check
+# (vcon_kernels/ops/aot.py). The package and its C++ extension come
+# from the working tree (PYTHONPATH), built by the main venv's editable install. numpy < 2.4: Triton
+# 3.6's interpreter turns 1-element arrays into ints (`range(runtime_int)`), which numpy 2.4 refuses.
+VENV36 := .venv-triton36
+STAMP36 := $(VENV36)/.installed
+TRITON36_PIN := triton==3.6.0
+TRITON36_TESTS := tests/test_triton_linear.py tests/test_triton_blend.py tests/test_triton_state.py
+# About 40 compile jobs (every mode family at least once, a window that moves with the commit count):
+# the CI budget allows this much beside `make test`, which compiles ~110 jobs with Triton 3.7.1.
+TRITON36_AOT_BUDGET ?= 40
+AOT_SLOT ?= $(shell git rev-list --count HEAD 2>/dev/null || echo 0)
+
+$(STAMP36):
+	$(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install -q $(TORCH_PIN)
+	$(VENV36)/bin/python -m pip install -q $(TORCH_PIN) $(TRITON36_PIN) "numpy<2.4" pytest pytest-xdist hypothesis
+	touch $(STAMP36)
+
+test-triton36: $(STAMP) $(STAMP36)
+	PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m pytest -q -n 2 -p no:cacheprovider $(TRITON36_TESTS)
+	PYTHONPATH=$(CURDIR) TRITON_INTERPRET=0 $(VENV36)/bin/python -m vcon_kernels.ops.aot --ci --slot $(AOT_SLOT) \
+		--budget $(TRITON36_AOT_BUDGET)
+
 # The demo: all-MiniLM-L6-v2 on Rotten Tomatoes, prune 90%: dense fine-tune (cached in out/minilm-rt/cache),
 # then one-shot, gradual and VCON at equal budget; table + CSV/JSON + plot in out/minilm-rt. Why this
 # setting (and not the paper's protocol), and why this small: DEMO_WHY (printed) and the README.
