@@ -120,9 +120,8 @@ def linear(x, weight, bias, beta, threshold, scales, mask, u, v, spec) -> Tensor
             return linear_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
     backend = backends.select(weight.device.type)
     native = getattr(backend, "linear_autograd", None)  # the C++ backend's node: no Python in backward
-    if native is not None:
-        with _off_if_autocast():
-            return native(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
+    if native is not None:  # switches autocast off itself, in forward and backward (csrc/autograd.cpp)
+        return native(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
     return _Linear.apply(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
 
 
