@@ -39,16 +39,24 @@ struct LinearNode : public torch::autograd::Function<LinearNode> {
     // What the Python Function's ctx.needs_input_grad says: the inputs' requires_grad at forward.
     const bool need_x = wants(x), need_w = wants(weight), need_b = wants(bias), need_lr = wants(u) || wants(v);
     ctx->saved_data["needs"] = c10::IValue(std::vector<bool>{need_x, need_w, need_b, need_lr});
+    const int64_t k = x.size(-1);
+    const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, k});
+    // Low rank at beta = 0 trains the factors only: run the finalized V-then-U pair and keep its
+    // thin activation t = x V^T (M x r) for dU, as two nn.Linear would, instead of recomputing it.
+    at::Tensor t, y;
+    if (need_lr && lowrank_stopped(beta, spec)) {
+      y = lowrank_stopped_forward(x2, weight, opt(bias), u, v, t);
+    } else {
+      y = linear_forward(x2, weight, opt(bias), beta, threshold, scales, opt(mask), opt(u), opt(v), spec);
+    }
     // x only when a weight-side gradient needs it (a frozen layer keeps no activation alive).
-    ctx->save_for_backward({need_w || need_lr ? x : at::Tensor(), weight, bias, beta, threshold, scales, mask, u, v});
+    ctx->save_for_backward(
+        {need_w || need_lr ? x : at::Tensor(), weight, bias, beta, threshold, scales, mask, u, v, t});
     ctx->saved_data["x_sizes"] = x.sizes();
     ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["spec"] = c10::IValue(std::vector<int64_t>{spec.prune, spec.per_row, spec.nm_n, spec.nm_m,
                                                                  spec.bits, spec.group_size, spec.exact, spec.lowrank});
     ctx->saved_data["sparsity"] = spec.sparsity;
-    const int64_t k = x.size(-1);
-    const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, k});
-    at::Tensor y = linear_forward(x2, weight, opt(bias), beta, threshold, scales, opt(mask), opt(u), opt(v), spec);
     if (x.dim() == 2) return y.contiguous();
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
     shape.push_back(weight.size(0));
@@ -81,8 +89,11 @@ struct LinearNode : public torch::autograd::Function<LinearNode> {
                               ? x.reshape({-1, k})
                               : at::zeros({}, g2.options().dtype(ctx->saved_data["x_dtype"].toScalarType()))
                                     .expand({g2.size(0), k});
-    auto out = linear_backward(g2, x2, weight, opt(bias), beta, threshold, scales, opt(mask), opt(u), opt(v), spec,
-                               {need_x, need_w, need_b, need_lr});
+    const at::Tensor& t = saved[9];
+    const std::vector<bool> wanted{need_x, need_w, need_b, need_lr};
+    auto out = t.defined() ? lowrank_stopped_backward(g2, x2, t, weight, opt(bias), u, v, wanted)
+                           : linear_backward(g2, x2, weight, opt(bias), beta, threshold, scales, opt(mask), opt(u),
+                                             opt(v), spec, wanted);
     at::Tensor dx = out[0].defined() ? out[0].reshape(x_sizes) : at::Tensor();
     return {dx,          out[1],       need_b ? out[2] : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), need_lr ? out[3] : at::Tensor(), need_lr ? out[4] : at::Tensor(), at::Tensor()};

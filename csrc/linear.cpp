@@ -299,4 +299,38 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
   return {dx, dw, db, at::Tensor(), at::Tensor()};
 }
 
+bool lowrank_stopped(const at::Tensor& beta, const Spec& spec) {
+  return spec.lowrank && beta.device().is_cpu() && beta.scalar_type() == at::kFloat && beta.numel() == 1 &&
+         beta.contiguous().data_ptr<float>()[0] == 0.0f;
+}
+
+at::Tensor lowrank_stopped_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                   const at::Tensor& u, const at::Tensor& v, at::Tensor& t_out) {
+  c10::AutoGradMode no_grad(false);
+  check_linear(x, weight, "linear_forward");
+  check_factors(u, v, weight);
+  const auto dt = x.scalar_type();
+  t_out = at::linear(x, in_dtype(v, dt));
+  return at::linear(t_out, in_dtype(u, dt), in_dtype(opt(bias), dt));
+}
+
+std::vector<at::Tensor> lowrank_stopped_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t,
+                                                 const at::Tensor& weight, const OptTensor& bias, const at::Tensor& u,
+                                                 const at::Tensor& v, const std::vector<bool>& needs) {
+  c10::AutoGradMode no_grad(false);
+  check_factors(u, v, weight);
+  const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_lr = needs[3];
+  const auto dt = grad_out.scalar_type(), pdt = weight.scalar_type();
+  at::Tensor dx, dw, db, du, dv;
+  const at::Tensor gu = (need_x || need_lr) ? grad_out.mm(in_dtype(u, dt)) : at::Tensor();
+  if (need_x) dx = gu.mm(in_dtype(v, dt));
+  if (need_w) dw = at::zeros_like(weight);  // the dense path is stopped: W no longer affects y
+  if (need_b && bias.has_value() && bias->defined()) db = in_dtype(grad_out.sum(0), bias->scalar_type());
+  if (need_lr) {
+    du = in_dtype(grad_out.t().mm(t), pdt);
+    dv = in_dtype(gu.t().mm(x), pdt);
+  }
+  return {dx, dw, db, du, dv};
+}
+
 }  // namespace vcon

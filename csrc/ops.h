@@ -70,6 +70,17 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
                                         const at::Tensor& scales, const OptTensor& mask, const OptTensor& u,
                                         const OptTensor& v, const Spec& spec, const std::vector<bool>& needs);
 
+// Low rank with beta = 0 (the dense path stopped), for an autograd node that keeps t = x V^T:
+// whether beta (a CPU fp32 tensor) is 0, y = t U^T + bias with t returned through `t_out`, and the
+// backward reusing that t for dU (the finalized V-then-U pair's saved activation) instead of
+// recomputing it. Same values as linear_forward / linear_backward at beta = 0.
+bool lowrank_stopped(const at::Tensor& beta, const Spec& spec);
+at::Tensor lowrank_stopped_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                   const at::Tensor& u, const at::Tensor& v, at::Tensor& t_out);
+std::vector<at::Tensor> lowrank_stopped_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t,
+                                                 const at::Tensor& weight, const OptTensor& bias, const at::Tensor& u,
+                                                 const at::Tensor& v, const std::vector<bool>& needs);
+
 // The per-thread workspace that holds W_eff between its build and its GEMM.
 int64_t workspace_bytes();
 void release_workspace();

@@ -81,9 +81,9 @@ class SplitBatchNorm2d(nn.Module):
         """The conv's output (the usual blend) and, stashed for :meth:`forward`, each path alone."""
         beta = conv.beta[0]
         b = float(beta)
-        if b == 0.0:
-            g = vcon_conv2d(x, conv.weight, conv.bias, conv.beta, conv.config, conv.state, conv.stride,
-                            conv._conv_padding, conv.dilation, conv.groups)
+        if b == 0.0:  # call_weight: a low-rank conv's stopped W gets no gradient, as without the split
+            g = vcon_conv2d(x, conv.call_weight(conv.call_spec()), conv.bias, conv.beta, conv.config, conv.state,
+                            conv.stride, conv._conv_padding, conv.dilation, conv.groups)
             self.__dict__["_stash"] = (g, None, g, beta)
             return g
         if b == 1.0 and not self.training:  # eval before the transition: the dense block alone

@@ -129,9 +129,12 @@ def _blend(layer_fn, x, weight, bias, beta, config, state):
     if isinstance(config, LowRank):
         (b,) = betas
         u, v = state.lowrank_u, state.lowrank_v
-        y = b * layer_fn(x, weight) + (1 - b) * layer_fn(layer_fn(x, v), u, lowrank_second=True)
-        # STE: a zero-valued term gives W also (1 - b) dY^T X; at b = 0 the dense path is stopped
-        # (W no longer affects y and gets a zero gradient, as in the authors' reference).
+        lowrank = layer_fn(layer_fn(x, v), u, lowrank_second=True)
+        if b == 0:  # the dense path is stopped, as in the authors' reference: W gets no gradient
+            y = lowrank
+        else:
+            y = b * layer_fn(x, weight) + (1 - b) * lowrank
+        # STE: a zero-valued term gives W also (1 - b) dY^T X.
         if config.grad == "ste" and b != 0:
             dense = layer_fn(x.detach(), weight)
             y = y + (1 - b) * (dense - dense.detach())

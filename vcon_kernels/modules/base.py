@@ -60,6 +60,25 @@ def _unsharded(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # older torch (FSDP2 under _composable) or no distributed support
+    try:
+        from torch.distributed._composable.fsdp import FSDPModule
+    except ImportError:
+        FSDPModule = None
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _needs_every_gradient(module: nn.Module) -> bool:
+    """Whether a parameter without a gradient would break the job: DDP (its reducer waits for every
+    parameter it was built with). FSDP2 (``fully_shard``) reduces only the gradients that exist."""
+    return _distributed() and not (FSDPModule is not None and isinstance(module, FSDPModule))
+
+
 def check_finite(weight: torch.Tensor, where: str) -> None:
     if weight.is_meta:
         raise ValueError(
@@ -78,6 +97,7 @@ class VCONLayerBase(nn.Module):
     # Per-call caches (plain attributes, never in the state dict; see call_spec / call_state).
     _spec_cache = None
     _vcon_state_cache = None
+    _beta_host = None  # (beta tensor, its version, whether every entry is 0): beta's value without a device sync
 
     def _init_vcon_state(self, config: VCONConfig) -> None:
         """Called once the layer has ``weight`` (and ``bias``); builds beta, mask, U and V."""
@@ -141,8 +161,36 @@ class VCONLayerBase(nn.Module):
         self._vcon_state_cache = None if key is None else (key, threshold, scales, spec)
         return threshold, scales
 
+    def call_weight(self, spec):
+        """The weight argument of a training call: ``weight``, or ``weight.detach()`` once low rank's beta is 0.
+
+        At beta = 0 a low-rank layer's output no longer depends on W (the dense path is stopped).
+        Detaching W gives it no gradient at all, as for a frozen parameter: no W-sized gradient is
+        written and optimizers skip W (AdamW's update of the latent weights was a quarter of a
+        12-layer low-rank step, bench/NOTES.md). Raising beta again makes W train again, from where
+        it stopped. Two cases keep W attached, where the kernels give it a zero gradient instead
+        (W then still moves by AdamW's momentum and weight decay): a distributed job other than
+        FSDP2 (DDP's reducer waits for a gradient of every parameter it was built with) and a beta
+        on a GPU that cannot be read without a device sync (written other than by ``set_beta``).
+        """
+        weight = self.weight
+        if not spec.lowrank or not weight.requires_grad or not torch.is_grad_enabled():
+            return weight
+        if self._beta_is_zero() and not _needs_every_gradient(self):
+            return weight.detach()
+        return weight
+
+    def _beta_is_zero(self) -> bool:
+        beta = self._buffers["beta"]
+        known = self._beta_host
+        if known is None or known[0] is not beta or known[1] != beta._version:
+            if beta.device.type != "cpu":
+                return False  # reading it would wait for the device; set_beta records the value it writes
+            known = self._beta_host = (beta, beta._version, not bool(beta.any()))
+        return known[2]
+
     def _drop_call_caches(self) -> None:
-        self._spec_cache = self._vcon_state_cache = None
+        self._spec_cache = self._vcon_state_cache = self._beta_host = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._drop_call_caches()
@@ -163,6 +211,7 @@ class VCONLayerBase(nn.Module):
         index = self._stage_index(stage)
         if index is None:
             self.beta.fill_(value)
+            self._beta_host = (self.beta, self.beta._version, value == 0.0)
         else:
             self.beta[index] = value
 

@@ -110,7 +110,8 @@ class VCONConv2d(VCONLayerBase, nn.Conv2d):
         spec = self.call_spec()
         threshold, scales = self.call_state(spec)
         conv_args = conv_arguments(self.stride, self._conv_padding, self.dilation, self.groups)
-        return conv2d_call(x, self.weight, self.bias, self.beta, threshold, scales, self.state, spec, conv_args)
+        return conv2d_call(x, self.call_weight(spec), self.bias, self.beta, threshold, scales, self.state, spec,
+                           conv_args)
 
     def reset_parameters(self) -> None:
         nn.Conv2d.reset_parameters(self)

@@ -77,7 +77,7 @@ class VCONLinear(VCONLayerBase, nn.Linear):
         check_inputs(x, self.weight, self.in_features)
         spec = self.call_spec()
         threshold, scales = self.call_state(spec)
-        return linear_call(x, self.weight, self.bias, self.beta, threshold, scales, self.state, spec)
+        return linear_call(x, self.call_weight(spec), self.bias, self.beta, threshold, scales, self.state, spec)
 
     def reset_parameters(self) -> None:
         nn.Linear.reset_parameters(self)
