@@ -8,6 +8,8 @@ backends, fp32 and under bf16 autocast, for linears and convolutions; and the ro
 checked by counting the vcon ops a dispatch mode sees.
 """
 
+import os
+
 import pytest
 import torch
 from cases import LINEAR_CASES
@@ -128,3 +130,30 @@ def test_inference_fast_path_builds_no_graph():
     layer.weight.requires_grad_(False)
     layer.bias.requires_grad_(False)
     assert layer(x).grad_fn is None  # a frozen layer on a constant input: nothing to differentiate
+
+
+def _grad_fn_name(layer, x):
+    return layer(x).grad_fn.name()
+
+
+@pytest.mark.skipif(vk.backends.available()["cpp"] is not True and not os.environ.get("VCON_REQUIRE_CPP"),
+                    reason="cpp backend unavailable")
+def test_cpp_training_call_goes_straight_to_the_cpp_node():
+    """With the C++ backend, a plain eager training call of VCONLinear reaches ``_C.linear_autograd``
+    directly (its node is C++); every case the node does not cover takes the Python path."""
+    layer = make_linear("prune_layer")
+    layer.set_beta(0.5)
+    x = torch.randn(3, layer.in_features)
+    with vk.backends.use("cpp"):
+        assert "LinearNode" in _grad_fn_name(layer, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16  # not the direct call: autocast casts x first
+        with Passthrough():
+            assert "LinearNode" not in _grad_fn_name(layer, x)
+        assert "LinearNode" not in _grad_fn_name(layer, x.double().float().as_subclass(SubTensor))
+        with pytest.raises(ValueError, match="input's last dimension must be"):  # the node's failure, explained
+            layer(torch.randn(3, layer.in_features + 1))
+        with pytest.raises(TypeError, match="does not match the weight dtype"):
+            layer(x.double())
+    with vk.backends.use("torch"):
+        assert "LinearNode" not in _grad_fn_name(layer, x)

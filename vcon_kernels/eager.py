@@ -106,6 +106,35 @@ class _Conv2d(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, du, dv, None, None
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+
+
+def linear_node(x, weight):
+    """The C++ layer with its autograd node (``_C.linear_autograd``) when a call can go straight to it.
+
+    That is: eager mode (the caller checked ``torch.compiler.is_compiling()``), grad mode on,
+    plain CPU tensors of one dtype, no autocast, no torch-function / dispatch modes, no functorch
+    transforms, and the C++ backend selected for CPU. Otherwise None: take ``linear_call``.
+    Each check is a single C call or attribute read: for small layers, Python between the
+    module call and the kernel is most of the cost (see the module docstring). The caller
+    validates its arguments only when the node raises (``check_inputs`` then names the problem).
+    Call it as ``node(x, weight, bias, beta, threshold, scales, mask, u, v, native_spec(spec))``.
+    """
+    if type(x) is not torch.Tensor or type(weight) not in _PLAIN or x.dtype is not weight.dtype:
+        return None
+    if not (weight.is_cpu and torch.is_grad_enabled()) or _any_autocast() or _function_mode_on() or _functorch_on():
+        return None
+    if _dispatch_modes is None or _dispatch_modes() > 0:
+        return None
+    return backends.cpu_linear_node()
+
+
+def native_spec(spec):
+    """The spec as ``linear_node`` takes it (built once per layer and cached by the caller), or None."""
+    backend = backends._load("cpp")
+    return None if backend is None else backend.native_spec(spec)
+
+
 def _needs_graph(x, weight, bias, u, v) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -140,4 +169,4 @@ def compute_state(weight, beta, mask, spec):
         return backends.select(weight.device.type).compute_state(weight.detach(), beta, mask, spec)
 
 
-__all__ = ["can_run", "compute_state", "conv2d", "linear"]
+__all__ = ["can_run", "compute_state", "conv2d", "linear", "linear_node", "native_spec"]

@@ -95,6 +95,15 @@ class CppBackend(TorchBackend):
     def linear_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec):
         return _C.linear_forward(x, weight, bias, beta, threshold, scales, mask, u, v, _cpp_spec(spec))
 
+    @property
+    def linear_node(self):
+        """``_C.linear_autograd`` itself: arguments as ``linear_autograd``'s, the spec as ``native_spec(spec)``."""
+        return _C.linear_autograd
+
+    @staticmethod
+    def native_spec(spec: TransformSpec):
+        return _cpp_spec(spec)
+
     def linear_autograd(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec):
         """The eager layer with its autograd node in C++ (csrc/autograd.cpp): no Python in backward."""
         return _C.linear_autograd(x, weight, bias, beta, threshold, scales, mask, u, v, _cpp_spec(spec))

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import eager
 from .. import state_cache
 from .. import torch_transforms as transforms
 from ..configs import LowRank
@@ -135,7 +136,7 @@ class VCONLayerBase(nn.Module):
         if cached is not None and cached[0] is config and cached[1] == shape and cached[2] == has_mask:
             return cached[3]
         spec = config.spec(shape[0], math.prod(shape[1:]), stored_mask=has_mask)
-        self._spec_cache = (config, shape, has_mask, spec)
+        self._spec_cache = (config, shape, has_mask, spec, eager.native_spec(spec))
         return spec
 
     def call_state(self, spec):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..configs import VCONConfig
+from ..eager import linear_node
 from ..functional import check_inputs
 from ..functional import linear_call
 from ..functional import vcon_linear
@@ -74,9 +75,19 @@ class VCONLinear(VCONLayerBase, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the graph computes state itself (the caches are eager-only)
             return vcon_linear(x, self.weight, self.bias, self.beta, self.config, self.state)
-        check_inputs(x, self.weight, self.in_features)
         spec = self.call_spec()
         threshold, scales = self.call_state(spec)
+        node = linear_node(x, self.weight)
+        if node is not None:  # a training call on the C++ backend: straight to its autograd node
+            params, buffers = self._parameters, self._buffers
+            try:
+                return node(x, self.call_weight(spec), params.get("bias"), buffers["beta"], threshold, scales,
+                            buffers.get("mask"), params.get("lowrank_u"), params.get("lowrank_v"),
+                            self._spec_cache[4])
+            except Exception:
+                check_inputs(x, self.weight, self.in_features)  # a clear error for a bad input, else the node's
+                raise
+        check_inputs(x, self.weight, self.in_features)
         return linear_call(x, self.call_weight(spec), self.bias, self.beta, threshold, scales, self.state, spec)
 
     def reset_parameters(self) -> None:
