@@ -93,6 +93,9 @@ def _step(module, x, grad, mode: str, scope) -> Callable[[], None]:
 
     Gradients are reset to None before each backward, as ``optimizer.zero_grad()`` does in
     training: accumulating into existing ``.grad`` tensors would add a pass per parameter.
+    Each forward / full step starts a new optimizer generation (``state_cache.refresh_all``, what
+    every ``optimizer.step()`` does): a training step computes the layer's threshold / scales
+    once, and a step that reused the previous call's state would hide that cost.
     """
     leaves = [p for p in module.parameters() if p.requires_grad] + [x]
 
@@ -102,12 +105,14 @@ def _step(module, x, grad, mode: str, scope) -> Callable[[], None]:
 
     if mode == "forward":
         def run():
+            vk.state_cache.refresh_all()
             with scope():
                 module(x)
         return run
     if mode == "full":
         def run():
             clear()
+            vk.state_cache.refresh_all()
             with scope():
                 module(x).backward(grad)
         return run
