@@ -4,7 +4,9 @@ What users run besides the single big GEMM of ``bench_layer.py``:
 
 * ``overhead``: one layer at M = 1, 64 -> 32 (the math is ~nothing): forward and forward +
   backward per call, in microseconds, and the difference to ``nn.Linear``; this is what ~200
-  layers of a 7B-class model pay at every micro-batch.
+  layers of a 7B-class model pay at every micro-batch. ``full`` is a micro-batch after the
+  first (the layer's state is cached); ``step`` is a forward + backward that starts a new
+  optimizer step (the state is computed: one step of training without accumulation).
 * ``accum``: one optimizer step of 4 gradient-accumulation micro-batches (M = 256 each,
   K = N = 1024) plus ``AdamW.step``: the layer's state is computed once, not 4 times.
 * ``decode``: forward only at M = 1 and 16 (K = N = 1024), as generation and small-batch eval
@@ -65,8 +67,13 @@ def overhead_fns(compression: str) -> dict:
             xg.grad = None
             m(xg).sum().backward()
 
+        def step(f=full):
+            vk.state_cache.refresh_all()  # what optimizer.step() does
+            f()
+
         fns[f"{name}_forward"] = fwd
         fns[f"{name}_full"] = full
+        fns[f"{name}_step"] = step
     return fns
 
 
@@ -136,7 +143,7 @@ def main(argv=None) -> int:
     for compression in compressions:
         if "overhead" in scenarios:
             fns = overhead_fns(compression)
-            for mode in ("forward", "full"):
+            for mode in ("forward", "full", "step"):
                 pair = {"dense": fns[f"dense_{mode}"], "vcon": fns[f"vcon_{mode}"]}
                 stats = measure_interleaved(pair, rounds=args.rounds, warmup=20, min_time_s=0.05, clock=args.clock)
                 d, v = stats["dense"]["median"] * 1e3, stats["vcon"]["median"] * 1e3
