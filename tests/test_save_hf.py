@@ -99,3 +99,37 @@ def test_bad_arguments_are_named(tmp_path):
     loaded = hf.from_pretrained_compressed(str(tmp_path), model_class=transformers.BertForSequenceClassification)
     assert isinstance(loaded.classifier, torch.nn.Linear)
     assert os.path.exists(tmp_path / "vcon_model.safetensors")
+
+
+def test_plain_save_pretrained_of_a_compressed_model_refuses(tmp_path):
+    """Plain save_pretrained would write tensors from_pretrained re-initializes at random: it refuses,
+    after vk.finalize and after from_pretrained_compressed, and writes nothing."""
+    model = tiny_bert()
+    with pytest.raises(RuntimeError, match="save_pretrained_compressed"):
+        model.save_pretrained(str(tmp_path / "plain"))
+    assert not (tmp_path / "plain").exists()
+    hf.save_pretrained_compressed(model, str(tmp_path / "ours"))
+    reloaded = hf.from_pretrained_compressed(str(tmp_path / "ours"))
+    with pytest.raises(RuntimeError, match="save_pretrained_compressed"):
+        reloaded.save_pretrained(str(tmp_path / "plain"))
+    assert not (tmp_path / "plain").exists()
+    # A dense model of the same class still saves normally (the guard is on the instances only).
+    dense = transformers.BertForSequenceClassification(model.config)
+    dense.save_pretrained(str(tmp_path / "dense"))
+    assert (tmp_path / "dense" / "model.safetensors").exists()
+
+
+def test_peft_adapters_of_a_finalized_model_still_save(tmp_path):
+    peft = pytest.importorskip("peft")
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg)
+    hf.convert(model, vk.Quantize(bits=8))
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["query", "value"]))
+    for _, layer in vk.vcon_layers(wrapped):
+        layer.set_beta(0.0)
+    wrapped = vk.finalize(wrapped)
+    wrapped.save_pretrained(str(tmp_path))  # PeftModel.save_pretrained: the adapters alone
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    with pytest.raises(RuntimeError, match="save_pretrained_compressed"):
+        wrapped.base_model.model.save_pretrained(str(tmp_path / "base"))

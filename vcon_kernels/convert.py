@@ -224,7 +224,37 @@ def finalize(model: nn.Module, force: bool = False) -> nn.Module:
     model = _swap(model, replacements)
     for wrapper in adapters:
         wrapper.merge = _refuse_merge  # on the instance: only these wrappers change
+    guard_plain_save(model)
     return model
+
+
+def _is_transformers_model(module: nn.Module) -> bool:
+    """A ``transformers.PreTrainedModel`` (by its class hierarchy: the core does not import transformers)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+               for c in type(module).__mro__)
+
+
+def guard_plain_save(model: nn.Module) -> None:
+    """Make ``save_pretrained`` of every Hugging Face model in ``model`` refuse (on the instances).
+
+    Plain ``save_pretrained`` writes the compressed modules' tensors under names that
+    ``from_pretrained`` does not know: it would load the model with those weights re-initialized
+    at random (transformers only logs them as missing). PEFT's ``PeftModel.save_pretrained``,
+    which saves the adapters alone, is not a PreTrainedModel and keeps working.
+    """
+    for module in model.modules():
+        if _is_transformers_model(module):
+            module.save_pretrained = _refuse_plain_save
+
+
+def _refuse_plain_save(*args, **kwargs):
+    raise RuntimeError(
+        "vcon_kernels: this model holds compressed (finalized) modules; plain save_pretrained would write weights "
+        "that from_pretrained cannot read (they would be re-initialized at random). Save it with "
+        "vcon_kernels.integrations.hf.save_pretrained_compressed(model, directory) (load it back with "
+        "from_pretrained_compressed), or with format='compressed-tensors' for int4 / int8 weights that plain "
+        "transformers + compressed-tensors and vLLM load. Nothing was written."
+    )
 
 
 def _adapter_wrappers(model: nn.Module, replacements: dict) -> list:

@@ -51,6 +51,7 @@ from ..compressed import CompressedLinear
 from ..compressed import LowRankConv2d
 from ..compressed import LowRankLinear
 from ..compressed import module_from_meta
+from ..convert import guard_plain_save
 from ..convert import vcon_layers
 
 CONFIG_NAME = "vcon_compression.json"
@@ -255,6 +256,7 @@ def load_compressed(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
                          "the architecture has tensors the saved model did not have")
     if not legacy:
         model.to(device)  # tensors the model created itself (none after a factory) follow
+    guard_plain_save(model)  # a Hugging Face model's plain save_pretrained would lose the compressed weights
     return model
 
 

@@ -117,9 +117,10 @@ def from_pretrained_compressed(directory: str, model_class=None, device=None):
     if model_class is None:
         model_class = _model_class(transformers, directory, config, saved.get("metadata", {}))
     if saved["format_version"] == 1:  # no non-persistent buffers in the file: build for real
-        return load_compressed(model_class(config), directory, device=device).eval()
-    # The dtype of every tensor comes from the file (assign=True), so the class's default dtype is irrelevant.
-    return load_compressed(lambda: model_class(config), directory, device=device or torch.device("cpu")).eval()
+        model = load_compressed(model_class(config), directory, device=device)
+    else:  # the dtype of every tensor comes from the file (assign=True): the class's default dtype is irrelevant
+        model = load_compressed(lambda: model_class(config), directory, device=device or torch.device("cpu"))
+    return model.eval()  # load_compressed made its plain save_pretrained refuse, as vk.finalize does
 
 
 __all__ = ["LOADER", "from_pretrained_compressed", "save_pretrained_compressed", "write_marker"]
