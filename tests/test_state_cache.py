@@ -165,3 +165,22 @@ def test_bad_arguments():
         vk.state_cache.enable(1)
     with pytest.raises(TypeError, match="module must be an nn.Module"):
         vk.refresh_state("model")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS) + ["lowrank"])
+def test_layer_with_filled_caches_copies_and_pickles(name, tmp_path):
+    """deepcopy (EMA models, Trainer) and torch.save of whole modules after training calls: the
+    per-call caches (one of them holds the C++ spec, which cannot be pickled) are left behind."""
+    config = vk.LowRank(rank=3) if name == "lowrank" else CONFIGS[name]()
+    layer = vk.VCONLinear(16, 12, config=config)
+    layer.set_beta(0.5)
+    x = torch.randn(4, 16)
+    expected = layer(x)  # a training call: spec and state cached
+    expected.sum().backward()
+    twin = copy.deepcopy(layer)
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    for other in (twin, loaded):
+        assert other._spec_cache is None and other._vcon_state_cache is None
+        assert torch.equal(other(x), expected)
+    assert layer._spec_cache is not None  # the original keeps its caches

@@ -193,6 +193,14 @@ class VCONLayerBase(nn.Module):
     def _drop_call_caches(self) -> None:
         self._spec_cache = self._vcon_state_cache = self._beta_host = None
 
+    def __getstate__(self):
+        # copy.deepcopy / pickle (EMA copies, Trainer, torch.save of the module): the per-call caches
+        # are not part of the layer; the native spec in _spec_cache cannot even be pickled.
+        state = dict(super().__getstate__())
+        for name in ("_spec_cache", "_vcon_state_cache", "_beta_host"):
+            state.pop(name, None)
+        return state
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._drop_call_caches()
         super()._load_from_state_dict(*args, **kwargs)
