@@ -113,7 +113,8 @@ def _vcon_matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on,
     stride_a2m, stride_a2r, stride_b2r, stride_b2n,
     w_ptr, stride_wr, stride_wc, beta_ptr, thr_ptr, thr_stride, mask_ptr, mask_stride, stored_mask: tl.constexpr,
-    nm_n, nm_m, nm_in_tile: tl.constexpr, scale_ptr, scale_row_stride, group_size, scale_grouped: tl.constexpr,
+    nm_n, nm_m, NM_GROUP: tl.constexpr, NM_KEEP: tl.constexpr, scale_ptr, scale_row_stride, group_size,
+    scale_grouped: tl.constexpr,
     binary: tl.constexpr, qmin, qmax,
     prune_kind, quant_on, has_bias, do_rowsum: tl.constexpr, scale_mode, M_KEY, N_KEY, K_KEY,
     PRUNE: tl.constexpr, QUANT: tl.constexpr, B_IS_W: tl.constexpr, EXACT_COEF: tl.constexpr,
@@ -169,8 +170,8 @@ def _vcon_matmul_kernel(
                 t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
                                       kk[:, None], k_ok[:, None], wr, wc, valid, PRUNE, QUANT)
             w_eff = transform_tile(b.to(tl.float32), t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr,
-                                   mask_ptr, mask_stride, stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
-                                   PRUNE, QUANT, False, NM_AXIS_B)
+                                   mask_ptr, mask_stride, stored_mask, nm_n, nm_m, 0, binary, qmin, qmax,
+                                   PRUNE, QUANT, False, NM_AXIS_B, NM_GROUP, NM_KEEP)
             b = as_operand(w_eff, b_ptr.dtype.element_ty, UPCAST)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -206,8 +207,8 @@ def _vcon_matmul_kernel(
         t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
                               offs_m[:, None], m_ok[:, None], wr, wc, valid, prune_kind, quant_on)
         acc = acc * transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr, mask_ptr,
-                                   mask_stride, stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
-                                   prune_kind, quant_on, True, 1)
+                                   mask_stride, stored_mask, nm_n, nm_m, 0, binary, qmin, qmax,
+                                   prune_kind, quant_on, True, 1, NM_GROUP, NM_KEEP)
     if has_bias != 0:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
@@ -218,7 +219,7 @@ def _vcon_matmul_kernel(
 
 
 _KEYS = ["M_KEY", "N_KEY", "K_KEY", "PRUNE", "QUANT", "B_IS_W", "EXACT_COEF", "LOWRANK", "prune_kind", "quant_on",
-         "has_bias", "do_rowsum", "scale_grouped", "nm_in_tile", "INPUT_PRECISION"]
+         "has_bias", "do_rowsum", "scale_grouped", "NM_GROUP", "NM_KEEP", "INPUT_PRECISION"]
 def _tune_bench(kernel_call, quantiles):
     """Shorter than Triton's default (25 ms warm-up + 100 ms per config): tuning runs once per key."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
@@ -329,8 +330,11 @@ def vcon_matmul(
         B_IS_W=b_is_w, EXACT_COEF=epilogue == EPI_EXACT_COEF, LOWRANK=lowrank is not None,
         scale_mode={EPI_BETA: 1, EPI_ONE_MINUS_BETA: 2}.get(epilogue, 0), has_bias=int(bias is not None),
         do_rowsum=int(rowsum is not None), INPUT_PRECISION=input_precision(a.dtype), UPCAST=UPCAST,
-        nm_in_tile=int(args["prune_kind"] == 2 and nm_in_tile(args["nm_m"], min_tile())),
     )
+    # N:M groups whole inside every tile: (n, m) become constexprs and the keep-mask is computed in
+    # registers (transform.nm_keep_reshaped); otherwise the group mates are read from memory.
+    in_tile = args["prune_kind"] == 2 and nm_in_tile(args["nm_m"], min_tile())
+    args.update(NM_GROUP=args["nm_m"] if in_tile else 0, NM_KEEP=args["nm_n"] if in_tile else 0)
     if AUTOTUNE:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
