@@ -36,8 +36,11 @@ compiled (the GPU JIT and the ahead-of-time check alike).
 The math, in fp32 as the torch backend: ``W1 = where(M, W, beta_p W)``,
 ``W_eff = beta_q W1 + (1 - beta_q) Q(W1)``; exact-gradient coefficient
 ``where(M, 1, beta_p) * (beta_q + (1 - beta_q) R)`` with ``R = qmin <= rne(W1 / s') <= qmax``.
-The division is IEEE round-to-nearest (``tl.math.div_rn``), as in torch, so the rounding
-decisions are the same as the torch backend's, bit for bit.
+The quotient ``W1 / s'`` is the IEEE round-to-nearest one, as in torch, so the rounding
+decisions are the same as the torch backend's, bit for bit: ``tl.math.div_rn`` where the scale
+varies per element (per-group scales, the elementwise kernels), and in the GEMM main loops, for
+per-tensor / per-channel scales, one reciprocal per W row plus two exact FMA corrections per
+element (:func:`div_by_scale`: 6 instructions instead of div_rn's ~14 with its slow-path call).
 """
 
 from __future__ import annotations
@@ -180,12 +183,71 @@ def keep_tile(a, t, wr, wc, valid, w_ptr, stride_wr, stride_wc, mask_ptr, mask_s
 
 
 @triton.jit
-def quant_codes(w1, s, binary):
-    """Unclamped integer codes ``rne(W1 / s')`` (s' = s where s > 0, else 1), or sign(W1) for binary."""
+def row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, rows, rows_ok, PRUNE, QUANT):
+    """(threshold, scale, :func:`row_scale`'s (lift, reciprocal)) at W rows ``rows`` (broadcastable), for
+    every layout but per-group scales."""
+    if PRUNE == 1:
+        t = tl.load(thr_ptr + rows.to(tl.int64) * thr_stride, mask=rows_ok, other=0.0)
+    else:
+        t = tl.zeros(rows.shape, tl.float32)
+    if QUANT != 0:
+        s, lift, r = row_scale(scale_ptr, scale_row_stride, rows, rows_ok)
+    else:
+        s = tl.full(rows.shape, 1.0, tl.float32)
+        lift = s
+        r = s
+    return t, s, lift, r
+
+
+@triton.jit
+def row_scale(scale_ptr, scale_row_stride, rows, rows_ok):
+    """Per-tensor / per-channel scale ``s`` at W rows ``rows`` (broadcastable), with what
+    :func:`div_by_scale` needs to divide by ``s'`` (s where s > 0, else 1) without a division per element:
+    ``lift`` (1, or 2^64 where s' < 2^-100) and ``r = RN(1 / (s' lift))``, one IEEE division per row.
+
+    The lift keeps the quotient's residual out of the subnormal range for tiny scales (max |W1| of
+    the row below ~1e-28): W1 and s' are both multiplied by it, exactly, so the quotient is unchanged.
+    """
+    s = tl.load(scale_ptr + rows.to(tl.int64) * scale_row_stride, mask=rows_ok, other=1.0)
+    s_safe = tl.where(s > 0, s, 1.0)
+    lift = tl.where(s_safe < 7.888609052210118e-31, 1.8446744073709552e19, 1.0)  # 2^-100, 2^64
+    return s, lift, tl.math.div_rn(1.0, s_safe * lift)
+
+
+@triton.jit
+def div_by_scale(w1, s_safe, lift, r):
+    """``RN(w1 / s_safe)``, bit for bit as the IEEE division, from :func:`row_scale`'s ``lift`` and
+    ``r = RN(1 / (s_safe lift))``: 2 FMUL + 4 FMA per element, no division.
+
+    With a = w1 lift and b = s_safe lift (exact, same quotient): q0 = RN(a r) is within 1.5 ulp of
+    a / b; one correction ``q + RN(a - b q) r`` makes it faithful (the residual's rounding and r's
+    error add ~2^-24 ulp); with a faithful q the residual ``a - b q`` is exact in one FMA (b >= 2^-100:
+    no underflow), and a second correction gives the correctly rounded quotient (Markstein's
+    theorem: r correctly rounded, q faithful). Needs |w1 / s'| < 2^125 (no overflow), which the
+    scales of the spec (s = max|W1| / qmax over the element's group) guarantee: |w1 / s'| <= qmax.
+    The interpreter's fma rounds twice; ``utils.exact_interpreter_fma`` makes it a true FMA, as the GPU's.
+    """
+    a = w1 * lift
+    b = s_safe * lift
+    q = a * r
+    q = tl.math.fma(tl.math.fma(-b, q, a), r, q)
+    return tl.math.fma(tl.math.fma(-b, q, a), r, q)
+
+
+@triton.jit
+def quant_codes(w1, s, binary, lift=1.0, r=1.0, RECIP: tl.constexpr = False):
+    """Unclamped integer codes ``rne(W1 / s')`` (s' = s where s > 0, else 1), or sign(W1) for binary.
+
+    ``RECIP``: ``lift`` / ``r`` come from :func:`row_scale` and the quotient takes no division.
+    """
     if binary != 0:
         codes = tl.where(w1 > 0, 1.0, tl.where(w1 < 0, -1.0, 0.0))
     else:
-        codes = round_half_even(tl.math.div_rn(w1, tl.where(s > 0, s, 1.0)))
+        s_safe = tl.where(s > 0, s, 1.0)
+        if RECIP:
+            codes = round_half_even(div_by_scale(w1, s_safe, lift, r))
+        else:
+            codes = round_half_even(tl.math.div_rn(w1, s_safe))
     return codes
 
 
@@ -193,10 +255,11 @@ def quant_codes(w1, s, binary):
 def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr, mask_ptr, mask_stride,
                    stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
                    PRUNE, QUANT, COEF: tl.constexpr, NM_AXIS: tl.constexpr, NM_GROUP: tl.constexpr = 0,
-                   NM_KEEP: tl.constexpr = 0):
+                   NM_KEEP: tl.constexpr = 0, lift=1.0, r=1.0, RECIP: tl.constexpr = False):
     """W_eff of the tile (``COEF=False``) or the exact-gradient coefficient dW_eff/dW (``COEF=True``), fp32.
 
-    ``t`` / ``s``: threshold and scale from :func:`load_row_state`. ``PRUNE`` / ``QUANT`` are
+    ``t`` / ``s``: threshold and scale from :func:`load_row_state`; ``RECIP``: ``lift`` / ``r`` from
+    :func:`row_scale` (no division per element). ``PRUNE`` / ``QUANT`` are
     constexprs in the GEMM main loops (one lean variant per mode) and runtime values in the
     elementwise kernels and the dW epilogue (one variant for all modes; the branches are uniform).
     """
@@ -214,7 +277,7 @@ def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr
             bq = tl.load(beta_ptr + 1)
         else:
             bq = tl.load(beta_ptr)
-        codes = quant_codes(w1, s, binary)
+        codes = quant_codes(w1, s, binary, lift, r, RECIP)
         if COEF:
             if binary == 0:  # binary passes the gradient straight through: no factor at all
                 in_range = ((codes >= qmin) & (codes <= qmax)).to(tl.float32)

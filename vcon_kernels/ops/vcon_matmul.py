@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .safe_autotune import safe_autotune
 from .transform import load_row_state
+from .transform import row_state
 from .transform import transform_tile
 from .utils import AUTOTUNE
 from .utils import INTERPRET
@@ -142,6 +143,15 @@ def _vcon_matmul_kernel(
     # The tile axis that runs along W's columns (N:M group mates can come from registers).
     NM_AXIS_B: tl.constexpr = 0 if B_IS_W == 1 else 1
 
+    # Per-tensor / per-channel scales: one reciprocal per W row, no division per element
+    # (transform.div_by_scale); per-group scales keep the IEEE division (a scale per element).
+    RECIP: tl.constexpr = TRANSFORM and not scale_grouped
+    if RECIP and B_IS_W == 1:
+        # forward: the W rows are this program's offs_n at every K step; their threshold, scale and
+        # reciprocal are loaded and computed once, before the loop
+        t_n, s_n, lift_n, r_n = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, offs_n[None, :],
+                                          n_ok[None, :], PRUNE, QUANT)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # Bias and scalar epilogues are runtime flags (uniform branches after the K loop).
@@ -162,16 +172,27 @@ def _vcon_matmul_kernel(
             if B_IS_W == 1:  # b[k, n] = W[n, k]: W rows run along the tile's axis 1
                 wr = tl.broadcast_to(offs_n[None, :], (BLOCK_K, BLOCK_N))
                 wc = tl.broadcast_to(kk[:, None], (BLOCK_K, BLOCK_N))
-                t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
-                                      offs_n[None, :], n_ok[None, :], wr, wc, valid, PRUNE, QUANT)
+                if RECIP:
+                    t, s, lift, r = t_n, s_n, lift_n, r_n
+                else:
+                    t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
+                                          scale_grouped, offs_n[None, :], n_ok[None, :], wr, wc, valid, PRUNE, QUANT)
+                    lift = s
+                    r = s
             else:  # b[k, n] = W[k, n]
                 wr = tl.broadcast_to(kk[:, None], (BLOCK_K, BLOCK_N))
                 wc = tl.broadcast_to(offs_n[None, :], (BLOCK_K, BLOCK_N))
-                t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
-                                      kk[:, None], k_ok[:, None], wr, wc, valid, PRUNE, QUANT)
+                if RECIP:
+                    t, s, lift, r = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, kk[:, None],
+                                              k_ok[:, None], PRUNE, QUANT)
+                else:
+                    t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
+                                          scale_grouped, kk[:, None], k_ok[:, None], wr, wc, valid, PRUNE, QUANT)
+                    lift = s
+                    r = s
             w_eff = transform_tile(b.to(tl.float32), t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr,
                                    mask_ptr, mask_stride, stored_mask, nm_n, nm_m, 0, binary, qmin, qmax,
-                                   PRUNE, QUANT, False, NM_AXIS_B, NM_GROUP, NM_KEEP)
+                                   PRUNE, QUANT, False, NM_AXIS_B, NM_GROUP, NM_KEEP, lift, r, RECIP)
             b = as_operand(w_eff, b_ptr.dtype.element_ty, UPCAST)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
