@@ -183,15 +183,17 @@ def keep_tile(a, t, wr, wc, valid, w_ptr, stride_wr, stride_wc, mask_ptr, mask_s
 
 
 @triton.jit
-def row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, rows, rows_ok, PRUNE, QUANT):
+def row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, rows, rows_ok, PRUNE, QUANT, rcp_ptr=None,
+              LOAD_RCP: tl.constexpr = False):
     """(threshold, scale, :func:`row_scale`'s (lift, reciprocal)) at W rows ``rows`` (broadcastable), for
-    every layout but per-group scales."""
+    every layout but per-group scales. ``LOAD_RCP``: the reciprocals are read from ``rcp_ptr`` (laid out
+    as the scales, from :func:`scale_reciprocals`) instead of computed here."""
     if PRUNE == 1:
         t = tl.load(thr_ptr + rows.to(tl.int64) * thr_stride, mask=rows_ok, other=0.0)
     else:
         t = tl.zeros(rows.shape, tl.float32)
     if QUANT != 0:
-        s, lift, r = row_scale(scale_ptr, scale_row_stride, rows, rows_ok)
+        s, lift, r = row_scale(scale_ptr, scale_row_stride, rows, rows_ok, rcp_ptr, LOAD_RCP)
     else:
         s = tl.full(rows.shape, 1.0, tl.float32)
         lift = s
@@ -200,18 +202,33 @@ def row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, rows, rows_ok, P
 
 
 @triton.jit
-def row_scale(scale_ptr, scale_row_stride, rows, rows_ok):
+def row_scale(scale_ptr, scale_row_stride, rows, rows_ok, rcp_ptr=None, LOAD_RCP: tl.constexpr = False):
     """Per-tensor / per-channel scale ``s`` at W rows ``rows`` (broadcastable), with what
     :func:`div_by_scale` needs to divide by ``s'`` (s where s > 0, else 1) without a division per element:
-    ``lift`` (1, or 2^64 where s' < 2^-100) and ``r = RN(1 / (s' lift))``, one IEEE division per row.
+    ``lift`` (1, or 2^64 where s' < 2^-100) and ``r = RN(1 / (s' lift))``, one IEEE division per row
+    (or, ``LOAD_RCP``, a load from ``rcp_ptr``).
 
     The lift keeps the quotient's residual out of the subnormal range for tiny scales (max |W1| of
     the row below ~1e-28): W1 and s' are both multiplied by it, exactly, so the quotient is unchanged.
     """
-    s = tl.load(scale_ptr + rows.to(tl.int64) * scale_row_stride, mask=rows_ok, other=1.0)
+    offs = rows.to(tl.int64) * scale_row_stride
+    s = tl.load(scale_ptr + offs, mask=rows_ok, other=1.0)
     s_safe = tl.where(s > 0, s, 1.0)
     lift = tl.where(s_safe < 7.888609052210118e-31, 1.8446744073709552e19, 1.0)  # 2^-100, 2^64
-    return s, lift, tl.math.div_rn(1.0, s_safe * lift)
+    if LOAD_RCP:
+        r = tl.load(rcp_ptr + offs, mask=rows_ok, other=1.0)
+    else:
+        r = tl.math.div_rn(1.0, s_safe * lift)
+    return s, lift, r
+
+
+@triton.jit
+def scale_reciprocals_kernel(scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """``out[i] = RN(1 / (s'_i lift_i))`` (:func:`row_scale`) for a contiguous scale tensor."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    _, _, r = row_scale(scale_ptr, 1, offs, ok)
+    tl.store(out_ptr + offs, r, mask=ok)
 
 
 @triton.jit

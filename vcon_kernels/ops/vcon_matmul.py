@@ -36,6 +36,7 @@ import triton.language as tl
 from .safe_autotune import safe_autotune
 from .transform import load_row_state
 from .transform import row_state
+from .transform import scale_reciprocals_kernel
 from .transform import transform_tile
 from .utils import AUTOTUNE
 from .utils import INTERPRET
@@ -113,7 +114,8 @@ def _vcon_matmul_kernel(
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on,
     stride_a2m, stride_a2r, stride_b2r, stride_b2n,
-    w_ptr, stride_wr, stride_wc, beta_ptr, thr_ptr, thr_stride, mask_ptr, mask_stride, stored_mask: tl.constexpr,
+    w_ptr, stride_wr, stride_wc, beta_ptr, rcp_ptr, thr_ptr, thr_stride, mask_ptr, mask_stride,
+    stored_mask: tl.constexpr,
     nm_n, nm_m, NM_GROUP: tl.constexpr, NM_KEEP: tl.constexpr, scale_ptr, scale_row_stride, group_size,
     scale_grouped: tl.constexpr,
     binary: tl.constexpr, qmin, qmax,
@@ -183,8 +185,10 @@ def _vcon_matmul_kernel(
                 wr = tl.broadcast_to(kk[:, None], (BLOCK_K, BLOCK_N))
                 wc = tl.broadcast_to(offs_n[None, :], (BLOCK_K, BLOCK_N))
                 if RECIP:
+                    # the W rows change every K step: their scales' reciprocals are read, precomputed
+                    # once per call by the launcher (a division per row and step spilled at 128x256)
                     t, s, lift, r = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, kk[:, None],
-                                              k_ok[:, None], PRUNE, QUANT)
+                                              k_ok[:, None], PRUNE, QUANT, rcp_ptr, QUANT != 0 and binary == 0)
                 else:
                     t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
                                           scale_grouped, kk[:, None], k_ok[:, None], wr, wc, valid, PRUNE, QUANT)
@@ -293,6 +297,16 @@ def current_config(dtype: torch.dtype = torch.bfloat16) -> dict:
     return dict(cfg, **TILE_OVERRIDE)
 
 
+def scale_reciprocals(scales: torch.Tensor) -> torch.Tensor:
+    """``RN(1 / (s' lift))`` of every scale (``transform.row_scale``), same shape; one small launch."""
+    scales = scales.contiguous()
+    out = torch.empty_like(scales)
+    n = scales.numel()
+    launch(scale_reciprocals_kernel, (triton.cdiv(n, 1024),), scale_ptr=scales, out_ptr=out, n=n, BLOCK=1024,
+           num_warps=4)
+    return out
+
+
 def _no_transform_args(device) -> dict:
     d = dummy(device)
     return dict(w_ptr=d, stride_wr=0, stride_wc=0, thr_ptr=d, thr_stride=0, mask_ptr=d, mask_stride=0,
@@ -356,6 +370,11 @@ def vcon_matmul(
     # registers (transform.nm_keep_reshaped); otherwise the group mates are read from memory.
     in_tile = args["prune_kind"] == 2 and nm_in_tile(args["nm_m"], min_tile())
     args.update(NM_GROUP=args["nm_m"] if in_tile else 0, NM_KEEP=args["nm_n"] if in_tile else 0)
+    # dX of an integer-quantized weight with per-tensor / per-channel scales reads the reciprocals of
+    # its row scales (transform.row_scale); the forward computes them itself, once per program
+    args["rcp_ptr"] = d
+    if b_is_w == B_IS_W and args["QUANT"] and not args["scale_grouped"] and not args["binary"]:
+        args["rcp_ptr"] = scale_reciprocals(args["scale_ptr"])
     if AUTOTUNE:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
