@@ -173,7 +173,8 @@ def write(rows, md_path, csv_path, triton_version, seconds, before=None):
         f"Triton {triton_version}, GPUTarget(cuda, 90) = sm_90a (H100/H200), bf16, JIT-faithful specialization of",
         "the recorded launches of a 4096 x 4096-class layer at M >= 512 (`ops/aot_record.py` \"tokens\"). No GPU ran",
         f"anything: these are compiler artifacts. {len(rows)} compiles in {seconds:.0f} s on a shared, loaded 2-core",
-        "machine. Regenerate with `PYTHONPATH=. python bench/sm90_report.py` (CSV: `bench/data/sm90.csv`).",
+        f"machine. Regenerate with `PYTHONPATH=. python bench/sm90_report.py` (CSV: "
+        f"`bench/data/{os.path.basename(csv_path)}`).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
