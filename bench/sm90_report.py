@@ -19,6 +19,7 @@ Run (one thread, TRITON_INTERPRET unset; about 10-60 s per compile)::
 
     PYTHONPATH=. python bench/sm90_report.py                 # the default selection
     PYTHONPATH=. python bench/sm90_report.py --all-configs   # every tile config of the selection
+    PYTHONPATH=. python bench/sm90_report.py --from-csv --before bench/data/sm90_before.csv --before-label X
 """
 
 from __future__ import annotations
@@ -141,7 +142,22 @@ COLUMNS = ["mode", "gemm", "config", "regs", "spill_bytes", "shared", "ctas_per_
            "tma", "wgmma_wait", "ld_shared_b16", "sass_loop", "sass_per_elem", "compile_s", "error"]
 
 
-def write(rows, md_path, csv_path, triton_version, seconds):
+def before_after(rows, before_rows, label) -> list:
+    """Markdown lines: registers / spills / SASS per element of each row against an earlier run's CSV."""
+    old = {(r["mode"], r["gemm"], r["config"]): r for r in before_rows}
+    lines = ["", f"## Before -> after ({label})", "",
+             "| mode | GEMM | config | regs | spill B | cp.async | SASS/elem |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = old.get((r["mode"], r["gemm"], r["config"]))
+        if b is None or r.get("error") or b.get("error"):
+            continue
+        cells = [f"{b[k]} -> {r[k]}" if str(b[k]) != str(r[k]) else str(r[k])
+                 for k in ("regs", "spill_bytes", "cp_async", "sass_per_elem")]
+        lines.append(f"| {r['mode']} | {r['gemm']} | {r['config']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write(rows, md_path, csv_path, triton_version, seconds, before=None):
     os.makedirs(os.path.dirname(csv_path), exist_ok=True)
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -157,7 +173,8 @@ def write(rows, md_path, csv_path, triton_version, seconds):
         f"Triton {triton_version}, GPUTarget(cuda, 90) = sm_90a (H100/H200), bf16, JIT-faithful specialization of",
         "the recorded launches of a 4096 x 4096-class layer at M >= 512 (`ops/aot_record.py` \"tokens\"). No GPU ran",
         f"anything: these are compiler artifacts. {len(rows)} compiles in {seconds:.0f} s on a shared, loaded 2-core",
-        "machine. Regenerate with `PYTHONPATH=. python bench/sm90_report.py` (CSV: `bench/data/sm90.csv`).",
+        f"machine. Regenerate with `PYTHONPATH=. python bench/sm90_report.py` (CSV: "
+        f"`bench/data/{os.path.basename(csv_path)}`).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -182,6 +199,8 @@ def write(rows, md_path, csv_path, triton_version, seconds):
         lines.append(f"| {mode} | {spills} | {'yes' if spills == 0 else 'no'} | {'/'.join(waits)} | "
                      f"{'yes' if waits == ['1'] else 'no'} | {lo}-{hi} | <= {target} | "
                      f"{'yes' if hi <= target else 'no'} |")
+    if before is not None:
+        lines += before_after(rows, *before)
     lines += ["", "Columns: `wgmma wait` = pendings of `warp_group_dot_wait` in the TTGIR main loop (1: one MMA",
               "stays in flight while the next W tile is transformed; 0: each K step waits for its MMA);",
               "`ld.shared.b16` = scalar 16-bit shared-memory loads in the PTX (the transformed tile read element",
@@ -202,7 +221,13 @@ def main(argv=None) -> int:
     parser.add_argument("--from-csv", action="store_true", help="only rewrite SM90.md from the CSV")
     parser.add_argument("--md", default=os.path.join(HERE, "SM90.md"))
     parser.add_argument("--csv", default=os.path.join(HERE, "data", "sm90.csv"))
+    parser.add_argument("--before", help="an earlier run's CSV: add a before -> after table")
+    parser.add_argument("--before-label", default="earlier run", help="what --before is (e.g. its commit)")
     args = parser.parse_args(argv)
+    before = None
+    if args.before:
+        with open(args.before) as f:
+            before = ([{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)], args.before_label)
     modes = args.modes.split(",")
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -212,7 +237,7 @@ def main(argv=None) -> int:
 
         with open(args.csv) as f:
             rows = [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-        write(rows, args.md, args.csv, triton.__version__, sum(float(r.get("compile_s", 0)) for r in rows))
+        write(rows, args.md, args.csv, triton.__version__, sum(float(r.get("compile_s", 0)) for r in rows), before)
         return 0
     import tempfile
 
@@ -227,7 +252,7 @@ def main(argv=None) -> int:
             row = measure(job, tmp)
             print(row, flush=True)
             rows.append(row)
-    write(rows, args.md, args.csv, triton.__version__, time.perf_counter() - start)
+    write(rows, args.md, args.csv, triton.__version__, time.perf_counter() - start, before)
     return 1 if any(r.get("error") for r in rows) else 0
 
 

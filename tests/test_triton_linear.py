@@ -22,6 +22,7 @@ from triton_helpers import on_device
 
 import vcon_kernels as vk
 from vcon_kernels.ops import dispatch
+from vcon_kernels.reference import reference_keep_mask
 
 CASES = sorted(LINEAR_CASES)
 
@@ -105,6 +106,39 @@ def test_many_tiles_in_every_dimension(case, dtype):
     set_betas(layer, 0.37)
     with matmul_tiles(16, 16, 16):
         _compare(layer, 37, dtype, "fused", with_bias=(True,))
+
+
+@pytest.mark.parametrize("tiles", [16, 64])
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (3, 4), (2, 8), (1, 2), (5, 16), (3, 6)])
+def test_fused_nm_keep_is_exact_with_ties(n, m, tiles):
+    """The fused GEMMs' own N:M keep-masks, bit for bit, on weights full of ties and zeros.
+
+    x = I and dY = I make y = W_eff^T and dX = W_eff exactly (one nonzero product per output);
+    dY = ones makes the exact-gradient dW its coefficient. Groups of 4 with a constexpr n use the
+    3-input logic form, other powers of two the reshaped rank count (both in registers), m = 6 the
+    reads from memory; 16-wide tiles put several groups and K steps in every tile."""
+    k = 48 if m == 6 else 64
+    torch.manual_seed(n * 100 + m)
+    layer = on_device(vk.VCONLinear(k, k, config=vk.Prune(granularity="nm", n=n, m=m, grad="exact")))
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-2, 3, layer.weight.shape).float().to(DEVICE))
+    set_betas(layer, 0.37)
+    w, _, beta, mask, _, _ = layer_tensors(layer)
+    spec = layer.spec()
+    thr, scales = TORCH.compute_state(w, beta, mask, spec)
+    eye = torch.eye(k, device=DEVICE)
+    w_eff = TORCH.blend_weight(w, beta, thr, scales, mask, spec)
+    keep = reference_keep_mask(w, vk.Prune(granularity="nm", n=n, m=m))
+    assert torch.equal(w_eff, torch.where(keep, w, w * 0.37))
+    with dispatch.force("fused"), matmul_tiles(tiles, tiles, tiles):
+        y = TRITON.linear_forward(eye, w, None, beta, thr, scales, mask, None, None, spec)
+        dx = TRITON.linear_backward(eye, eye, w, None, beta, thr, scales, mask, None, None, spec,
+                                    (True, False, False, False))[0]
+        dw = TRITON.linear_backward(torch.ones(k, k, device=DEVICE), eye, w, None, beta, thr, scales, mask, None,
+                                    None, spec, (False, True, False, False))[1]
+    assert torch.equal(y, w_eff.t())
+    assert torch.equal(dx, w_eff)
+    assert torch.equal(dw, torch.where(keep, 1.0, 0.37))
 
 
 def test_fp16_fused():

@@ -21,8 +21,10 @@ changing beta or the threshold never recompiles nor syncs):
   group_size]`` (per tensor: row stride 0; per channel: row stride 1); the runtime flag
   ``scale_grouped`` marks per-group scales, the one case that needs a full-tile gather.
 * ``NM_AXIS`` (constexpr): the tile axis that runs along W's columns, where N:M group mates
-  can be read from registers with ``tl.gather`` when the runtime flag ``nm_in_tile`` says
-  groups are whole inside tiles; -1 (or ``nm_in_tile=0``): read back from memory.
+  can be read from registers: in the GEMMs with ``NM_GROUP`` / ``NM_KEEP`` (constexprs m and n:
+  the tile reshaped into groups, :func:`nm_keep_reshaped`), in the elementwise kernels with
+  ``tl.gather`` when the runtime flag ``nm_in_tile`` says groups are whole inside tiles; -1 (or
+  neither): read back from memory.
 
 Which choices are constexprs and which are runtime flags is a trade: constexprs give the
 leanest code per mode, where it matters (``PRUNE`` / ``QUANT`` in the GEMM K loops); the
@@ -34,8 +36,11 @@ compiled (the GPU JIT and the ahead-of-time check alike).
 The math, in fp32 as the torch backend: ``W1 = where(M, W, beta_p W)``,
 ``W_eff = beta_q W1 + (1 - beta_q) Q(W1)``; exact-gradient coefficient
 ``where(M, 1, beta_p) * (beta_q + (1 - beta_q) R)`` with ``R = qmin <= rne(W1 / s') <= qmax``.
-The division is IEEE round-to-nearest (``tl.math.div_rn``), as in torch, so the rounding
-decisions are the same as the torch backend's, bit for bit.
+The quotient ``W1 / s'`` is the IEEE round-to-nearest one, as in torch, so the rounding
+decisions are the same as the torch backend's, bit for bit: ``tl.math.div_rn`` where the scale
+varies per element (per-group scales, the elementwise kernels), and in the GEMM main loops, for
+per-tensor / per-channel scales, one reciprocal per W row plus two exact FMA corrections per
+element (:func:`div_by_scale`: 6 instructions instead of div_rn's ~14 with its slow-path call).
 """
 
 from __future__ import annotations
@@ -75,15 +80,83 @@ def load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
 
 
 @triton.jit
+def _beats(key, kj, pos, J: tl.constexpr):
+    """Whether group mate J outranks each element: ``k_J > k_i`` for J > i, ``not (k_i > k_J)`` for J < i
+    (equal magnitudes: the lower index wins), False for J == i. One comparison per pair of mates."""
+    return tl.where(pos == J, False, tl.where(pos < J, kj > key, (key > kj) == 0))
+
+
+@triton.jit
+def nm_keep_4(key, pos, GROUP_AXIS: tl.constexpr, NM_KEEP: tl.constexpr):
+    """Keep-mask of 1:4, 2:4 and 3:4 with n a constexpr: "fewer than n of the 3 mates outrank me" is one
+    3-input logic operation per element (NOR, NOT-majority, NAND) instead of a count."""
+    c0 = _beats(key, tl.sum(tl.where(pos == 0, key, 0), axis=GROUP_AXIS, keep_dims=True), pos, 0)
+    c1 = _beats(key, tl.sum(tl.where(pos == 1, key, 0), axis=GROUP_AXIS, keep_dims=True), pos, 1)
+    c2 = _beats(key, tl.sum(tl.where(pos == 2, key, 0), axis=GROUP_AXIS, keep_dims=True), pos, 2)
+    c3 = _beats(key, tl.sum(tl.where(pos == 3, key, 0), axis=GROUP_AXIS, keep_dims=True), pos, 3)
+    if NM_KEEP == 1:
+        out = (c0 | c1 | c2 | c3) == 0
+    elif NM_KEEP == 2:
+        out = ((c0 & c1) | (c0 & c2) | (c0 & c3) | (c1 & c2) | (c1 & c3) | (c2 & c3)) == 0
+    else:
+        out = ((c0 & c1 & c2) | (c0 & c1 & c3) | (c0 & c2 & c3) | (c1 & c2 & c3)) == 0
+    return out
+
+
+@triton.jit
+def nm_keep_reshaped(a, nm_n, NM_AXIS: tl.constexpr, NM_GROUP: tl.constexpr, NM_KEEP: tl.constexpr):
+    """N:M keep-mask of a tile ``a`` of |W| (fp32), groups of ``NM_GROUP`` mates along ``NM_AXIS``, n = ``nm_n``.
+
+    The tile is reshaped so that each group is one axis of length ``NM_GROUP``; with the GEMM's
+    blocked layouts (8 consecutive W columns per thread: the vectorized load) a group of up to 8
+    sits in one thread's registers, so the mates are plain register reads: no ``tl.gather``
+    shuffles, no runtime loop (which kept Triton's pipeliner off the whole K loop).
+
+    Magnitudes are compared as the integer bit patterns of |w| (the same order for every non-NaN
+    value; NaN above +inf, as ``torch.sort`` puts it). Being a total order, one comparison serves
+    both elements of a pair: element i counts ``w_j > w_i`` for j > i and ``not (w_i > w_j)`` for
+    j < i. The mate is picked out of the group with a masked integer sum (``x + 0`` folds away for
+    ints, not floats).
+    """
+    if NM_AXIS == 0:
+        a3 = tl.reshape(a, (a.shape[0] // NM_GROUP, NM_GROUP, a.shape[1]))
+        pos = tl.arange(0, NM_GROUP)[None, :, None]
+        GROUP_AXIS: tl.constexpr = 1
+    else:
+        a3 = tl.reshape(a, (a.shape[0], a.shape[1] // NM_GROUP, NM_GROUP))
+        pos = tl.arange(0, NM_GROUP)[None, None, :]
+        GROUP_AXIS: tl.constexpr = 2
+    key = a3.to(tl.int32, bitcast=True)
+    if NM_GROUP == 4 and NM_KEEP > 0 and NM_KEEP < 4:
+        keep = nm_keep_4(key, pos, GROUP_AXIS, NM_KEEP)
+    else:
+        # rank = #{j: |w_j| > |w_i|} + #{j < i: |w_j| == |w_i|}; the j == i term below is always 1
+        # (not (k > k)), hence the start at -1.
+        rank = tl.full(a3.shape, -1, tl.int32)
+        for j in tl.static_range(NM_GROUP):
+            kj = tl.sum(tl.where(pos == j, key, 0), axis=GROUP_AXIS, keep_dims=True)
+            rank += tl.where(pos < j, (kj > key).to(tl.int32), 1 - (key > kj).to(tl.int32))
+        keep = rank < nm_n
+    return tl.reshape(keep, a.shape)
+
+
+@triton.jit
 def keep_tile(a, t, wr, wc, valid, w_ptr, stride_wr, stride_wc, mask_ptr, mask_stride, stored_mask, nm_n, nm_m,
-              nm_in_tile, PRUNE, NM_AXIS: tl.constexpr):
-    """Keep-mask M of the prune stage for a tile of |W| (``a``, fp32; ``t`` the threshold)."""
+              nm_in_tile, PRUNE, NM_AXIS: tl.constexpr, NM_GROUP: tl.constexpr = 0,
+              NM_KEEP: tl.constexpr = 0):
+    """Keep-mask M of the prune stage for a tile of |W| (``a``, fp32; ``t`` the threshold).
+
+    ``NM_GROUP`` (constexpr, the GEMM kernels): N:M groups of that many columns are whole inside
+    the tile along ``NM_AXIS`` (``nm_m`` equals it, ``NM_KEEP`` is n); see :func:`nm_keep_reshaped`.
+    """
     if PRUNE == 1:
         if stored_mask != 0:
             byte = tl.load(mask_ptr + wr.to(tl.int64) * mask_stride + wc // 8, mask=valid, other=0).to(tl.int32)
             keep = ((byte >> (wc % 8)) & 1) != 0
         else:
             keep = a >= t
+    elif NM_GROUP > 0:
+        keep = nm_keep_reshaped(a, nm_n, NM_AXIS, NM_GROUP, NM_KEEP)
     else:
         # rank = #{j: |w_j| > |w_i|} + #{j < i: |w_j| == |w_i|} over the element's group of nm_m.
         rank = tl.zeros_like(wc)
@@ -110,22 +183,100 @@ def keep_tile(a, t, wr, wc, valid, w_ptr, stride_wr, stride_wc, mask_ptr, mask_s
 
 
 @triton.jit
-def quant_codes(w1, s, binary):
-    """Unclamped integer codes ``rne(W1 / s')`` (s' = s where s > 0, else 1), or sign(W1) for binary."""
+def row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, rows, rows_ok, PRUNE, QUANT, rcp_ptr=None,
+              LOAD_RCP: tl.constexpr = False):
+    """(threshold, scale, :func:`row_scale`'s (lift, reciprocal)) at W rows ``rows`` (broadcastable), for
+    every layout but per-group scales. ``LOAD_RCP``: the reciprocals are read from ``rcp_ptr`` (laid out
+    as the scales, from :func:`scale_reciprocals`) instead of computed here."""
+    if PRUNE == 1:
+        t = tl.load(thr_ptr + rows.to(tl.int64) * thr_stride, mask=rows_ok, other=0.0)
+    else:
+        t = tl.zeros(rows.shape, tl.float32)
+    if QUANT != 0:
+        s, lift, r = row_scale(scale_ptr, scale_row_stride, rows, rows_ok, rcp_ptr, LOAD_RCP)
+    else:
+        s = tl.full(rows.shape, 1.0, tl.float32)
+        lift = s
+        r = s
+    return t, s, lift, r
+
+
+@triton.jit
+def row_scale(scale_ptr, scale_row_stride, rows, rows_ok, rcp_ptr=None, LOAD_RCP: tl.constexpr = False):
+    """Per-tensor / per-channel scale ``s`` at W rows ``rows`` (broadcastable), with what
+    :func:`div_by_scale` needs to divide by ``s'`` (s where s > 0, else 1) without a division per element:
+    ``lift`` (1, or 2^64 where s' < 2^-100) and ``r = RN(1 / (s' lift))``, one IEEE division per row
+    (or, ``LOAD_RCP``, a load from ``rcp_ptr``).
+
+    The lift keeps the quotient's residual out of the subnormal range for tiny scales (max |W1| of
+    the row below ~1e-28): W1 and s' are both multiplied by it, exactly, so the quotient is unchanged.
+    """
+    offs = rows.to(tl.int64) * scale_row_stride
+    s = tl.load(scale_ptr + offs, mask=rows_ok, other=1.0)
+    s_safe = tl.where(s > 0, s, 1.0)
+    lift = tl.where(s_safe < 7.888609052210118e-31, 1.8446744073709552e19, 1.0)  # 2^-100, 2^64
+    if LOAD_RCP:
+        r = tl.load(rcp_ptr + offs, mask=rows_ok, other=1.0)
+    else:
+        r = tl.math.div_rn(1.0, s_safe * lift)
+    return s, lift, r
+
+
+@triton.jit
+def scale_reciprocals_kernel(scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """``out[i] = RN(1 / (s'_i lift_i))`` (:func:`row_scale`) for a contiguous scale tensor."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    _, _, r = row_scale(scale_ptr, 1, offs, ok)
+    tl.store(out_ptr + offs, r, mask=ok)
+
+
+@triton.jit
+def div_by_scale(w1, s_safe, lift, r):
+    """``RN(w1 / s_safe)``, bit for bit as the IEEE division, from :func:`row_scale`'s ``lift`` and
+    ``r = RN(1 / (s_safe lift))``: 2 FMUL + 4 FMA per element, no division.
+
+    With a = w1 lift and b = s_safe lift (exact, same quotient): q0 = RN(a r) is within 1.5 ulp of
+    a / b; one correction ``q + RN(a - b q) r`` makes it faithful (the residual's rounding and r's
+    error add ~2^-24 ulp); with a faithful q the residual ``a - b q`` is exact in one FMA (b >= 2^-100:
+    no underflow), and a second correction gives the correctly rounded quotient (Markstein's
+    theorem: r correctly rounded, q faithful). Needs |w1 / s'| < 2^125 (no overflow), which the
+    scales of the spec (s = max|W1| / qmax over the element's group) guarantee: |w1 / s'| <= qmax.
+    The interpreter's fma rounds twice; ``utils.exact_interpreter_fma`` makes it a true FMA, as the GPU's.
+    """
+    a = w1 * lift
+    b = s_safe * lift
+    q = a * r
+    q = tl.math.fma(tl.math.fma(-b, q, a), r, q)
+    return tl.math.fma(tl.math.fma(-b, q, a), r, q)
+
+
+@triton.jit
+def quant_codes(w1, s, binary, lift=1.0, r=1.0, RECIP: tl.constexpr = False):
+    """Unclamped integer codes ``rne(W1 / s')`` (s' = s where s > 0, else 1), or sign(W1) for binary.
+
+    ``RECIP``: ``lift`` / ``r`` come from :func:`row_scale` and the quotient takes no division.
+    """
     if binary != 0:
         codes = tl.where(w1 > 0, 1.0, tl.where(w1 < 0, -1.0, 0.0))
     else:
-        codes = round_half_even(tl.math.div_rn(w1, tl.where(s > 0, s, 1.0)))
+        s_safe = tl.where(s > 0, s, 1.0)
+        if RECIP:
+            codes = round_half_even(div_by_scale(w1, s_safe, lift, r))
+        else:
+            codes = round_half_even(tl.math.div_rn(w1, s_safe))
     return codes
 
 
 @triton.jit
 def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr, mask_ptr, mask_stride,
                    stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
-                   PRUNE, QUANT, COEF: tl.constexpr, NM_AXIS: tl.constexpr):
+                   PRUNE, QUANT, COEF: tl.constexpr, NM_AXIS: tl.constexpr, NM_GROUP: tl.constexpr = 0,
+                   NM_KEEP: tl.constexpr = 0, lift=1.0, r=1.0, RECIP: tl.constexpr = False):
     """W_eff of the tile (``COEF=False``) or the exact-gradient coefficient dW_eff/dW (``COEF=True``), fp32.
 
-    ``t`` / ``s``: threshold and scale from :func:`load_row_state`. ``PRUNE`` / ``QUANT`` are
+    ``t`` / ``s``: threshold and scale from :func:`load_row_state`; ``RECIP``: ``lift`` / ``r`` from
+    :func:`row_scale` (no division per element). ``PRUNE`` / ``QUANT`` are
     constexprs in the GEMM main loops (one lean variant per mode) and runtime values in the
     elementwise kernels and the dW epilogue (one variant for all modes; the branches are uniform).
     """
@@ -134,7 +285,7 @@ def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr
     if PRUNE != 0:
         bp = tl.load(beta_ptr)
         keep = keep_tile(tl.abs(w), t, wr, wc, valid, w_ptr, stride_wr, stride_wc, mask_ptr, mask_stride,
-                         stored_mask, nm_n, nm_m, nm_in_tile, PRUNE, NM_AXIS)
+                         stored_mask, nm_n, nm_m, nm_in_tile, PRUNE, NM_AXIS, NM_GROUP, NM_KEEP)
         w1 = tl.where(keep, w, bp * w)
         if COEF:
             coef = tl.where(keep, 1.0, bp)
@@ -143,7 +294,7 @@ def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr
             bq = tl.load(beta_ptr + 1)
         else:
             bq = tl.load(beta_ptr)
-        codes = quant_codes(w1, s, binary)
+        codes = quant_codes(w1, s, binary, lift, r, RECIP)
         if COEF:
             if binary == 0:  # binary passes the gradient straight through: no factor at all
                 in_range = ((codes >= qmin) & (codes <= qmax)).to(tl.float32)

@@ -55,6 +55,56 @@ def input_precision(dtype: torch.dtype) -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def _exact_fma32(x, y, z):
+    """fp32 ``x * y + z`` rounded once (numpy), as a GPU's FFMA; ``None`` for other dtypes.
+
+    The product is exact in fp64 and the fp64 sum's own error is recovered exactly (TwoSum); the
+    only double-rounding case, an fp64 sum exactly halfway between two fp32 values, is settled by
+    the sign of that error.
+    """
+    import numpy as np
+
+    if not (x.dtype == y.dtype == z.dtype == np.float32):
+        return None
+    with np.errstate(all="ignore"):
+        p = x.astype(np.float64) * y.astype(np.float64)
+        z64 = z.astype(np.float64)
+        s = p + z64
+        bb = s - p
+        err = (p - (s - bb)) + (z64 - bb)
+        r = s.astype(np.float32)
+        d = s - r.astype(np.float64)
+        nb = np.nextafter(r, np.where(d > 0, np.float32(np.inf), np.float32(-np.inf)))
+        past_mid = (d != 0) & (nb.astype(np.float64) - r.astype(np.float64) == 2 * d) & (err * d > 0)
+        return np.where(past_mid & np.isfinite(s), nb, r)
+
+
+def exact_interpreter_fma() -> None:
+    """Make the interpreter's ``tl.math.fma`` round once, like the GPU's (it computes ``x * y + z`` in
+    numpy, rounding twice). ``transform.div_by_scale`` derives IEEE quotients from exact FMA
+    residuals; without this the interpreter could differ from a GPU (and from torch) in a last bit.
+    Called at import under ``TRITON_INTERPRET=1`` only; other dtypes keep Triton's own fma."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_fma, "_vcon_exact", False):
+        return
+    original = builder.create_fma
+
+    def create_fma(self, x, y, z):
+        out = _exact_fma32(x.data, y.data, z.data)
+        if out is None:
+            return original(self, x, y, z)
+        return interpreter.TensorHandle(out, z.dtype.scalar)
+
+    create_fma._vcon_exact = True
+    builder.create_fma = create_fma
+
+
+if INTERPRET:
+    exact_interpreter_fma()
+
+
 # -- launching (with an ahead-of-time recording hook) ----------------------------------------------
 _capture = threading.local()
 

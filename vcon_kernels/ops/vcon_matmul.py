@@ -35,6 +35,8 @@ import triton.language as tl
 
 from .safe_autotune import safe_autotune
 from .transform import load_row_state
+from .transform import row_state
+from .transform import scale_reciprocals_kernel
 from .transform import transform_tile
 from .utils import AUTOTUNE
 from .utils import INTERPRET
@@ -112,8 +114,10 @@ def _vcon_matmul_kernel(
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on,
     stride_a2m, stride_a2r, stride_b2r, stride_b2n,
-    w_ptr, stride_wr, stride_wc, beta_ptr, thr_ptr, thr_stride, mask_ptr, mask_stride, stored_mask: tl.constexpr,
-    nm_n, nm_m, nm_in_tile: tl.constexpr, scale_ptr, scale_row_stride, group_size, scale_grouped: tl.constexpr,
+    w_ptr, stride_wr, stride_wc, beta_ptr, rcp_ptr, thr_ptr, thr_stride, mask_ptr, mask_stride,
+    stored_mask: tl.constexpr,
+    nm_n, nm_m, NM_GROUP: tl.constexpr, NM_KEEP: tl.constexpr, scale_ptr, scale_row_stride, group_size,
+    scale_grouped: tl.constexpr,
     binary: tl.constexpr, qmin, qmax,
     prune_kind, quant_on, has_bias, do_rowsum: tl.constexpr, scale_mode, M_KEY, N_KEY, K_KEY,
     PRUNE: tl.constexpr, QUANT: tl.constexpr, B_IS_W: tl.constexpr, EXACT_COEF: tl.constexpr,
@@ -141,6 +145,15 @@ def _vcon_matmul_kernel(
     # The tile axis that runs along W's columns (N:M group mates can come from registers).
     NM_AXIS_B: tl.constexpr = 0 if B_IS_W == 1 else 1
 
+    # Per-tensor / per-channel scales: one reciprocal per W row, no division per element
+    # (transform.div_by_scale); per-group scales keep the IEEE division (a scale per element).
+    RECIP: tl.constexpr = TRANSFORM and not scale_grouped
+    if RECIP and B_IS_W == 1:
+        # forward: the W rows are this program's offs_n at every K step; their threshold, scale and
+        # reciprocal are loaded and computed once, before the loop
+        t_n, s_n, lift_n, r_n = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, offs_n[None, :],
+                                          n_ok[None, :], PRUNE, QUANT)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # Bias and scalar epilogues are runtime flags (uniform branches after the K loop).
@@ -161,16 +174,29 @@ def _vcon_matmul_kernel(
             if B_IS_W == 1:  # b[k, n] = W[n, k]: W rows run along the tile's axis 1
                 wr = tl.broadcast_to(offs_n[None, :], (BLOCK_K, BLOCK_N))
                 wc = tl.broadcast_to(kk[:, None], (BLOCK_K, BLOCK_N))
-                t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
-                                      offs_n[None, :], n_ok[None, :], wr, wc, valid, PRUNE, QUANT)
+                if RECIP:
+                    t, s, lift, r = t_n, s_n, lift_n, r_n
+                else:
+                    t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
+                                          scale_grouped, offs_n[None, :], n_ok[None, :], wr, wc, valid, PRUNE, QUANT)
+                    lift = s
+                    r = s
             else:  # b[k, n] = W[k, n]
                 wr = tl.broadcast_to(kk[:, None], (BLOCK_K, BLOCK_N))
                 wc = tl.broadcast_to(offs_n[None, :], (BLOCK_K, BLOCK_N))
-                t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
-                                      kk[:, None], k_ok[:, None], wr, wc, valid, PRUNE, QUANT)
+                if RECIP:
+                    # the W rows change every K step: their scales' reciprocals are read, precomputed
+                    # once per call by the launcher (a division per row and step spilled at 128x256)
+                    t, s, lift, r = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, kk[:, None],
+                                              k_ok[:, None], PRUNE, QUANT, rcp_ptr, QUANT != 0 and binary == 0)
+                else:
+                    t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
+                                          scale_grouped, kk[:, None], k_ok[:, None], wr, wc, valid, PRUNE, QUANT)
+                    lift = s
+                    r = s
             w_eff = transform_tile(b.to(tl.float32), t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr,
-                                   mask_ptr, mask_stride, stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
-                                   PRUNE, QUANT, False, NM_AXIS_B)
+                                   mask_ptr, mask_stride, stored_mask, nm_n, nm_m, 0, binary, qmin, qmax,
+                                   PRUNE, QUANT, False, NM_AXIS_B, NM_GROUP, NM_KEEP, lift, r, RECIP)
             b = as_operand(w_eff, b_ptr.dtype.element_ty, UPCAST)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -206,8 +232,8 @@ def _vcon_matmul_kernel(
         t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size, scale_grouped,
                               offs_m[:, None], m_ok[:, None], wr, wc, valid, prune_kind, quant_on)
         acc = acc * transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr, mask_ptr,
-                                   mask_stride, stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
-                                   prune_kind, quant_on, True, 1)
+                                   mask_stride, stored_mask, nm_n, nm_m, 0, binary, qmin, qmax,
+                                   prune_kind, quant_on, True, 1, NM_GROUP, NM_KEEP)
     if has_bias != 0:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
@@ -218,7 +244,7 @@ def _vcon_matmul_kernel(
 
 
 _KEYS = ["M_KEY", "N_KEY", "K_KEY", "PRUNE", "QUANT", "B_IS_W", "EXACT_COEF", "LOWRANK", "prune_kind", "quant_on",
-         "has_bias", "do_rowsum", "scale_grouped", "nm_in_tile", "INPUT_PRECISION"]
+         "has_bias", "do_rowsum", "scale_grouped", "NM_GROUP", "NM_KEEP", "INPUT_PRECISION"]
 def _tune_bench(kernel_call, quantiles):
     """Shorter than Triton's default (25 ms warm-up + 100 ms per config): tuning runs once per key."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
@@ -269,6 +295,16 @@ def current_config(dtype: torch.dtype = torch.bfloat16) -> dict:
         bk //= 2
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
     return dict(cfg, **TILE_OVERRIDE)
+
+
+def scale_reciprocals(scales: torch.Tensor) -> torch.Tensor:
+    """``RN(1 / (s' lift))`` of every scale (``transform.row_scale``), same shape; one small launch."""
+    scales = scales.contiguous()
+    out = torch.empty_like(scales)
+    n = scales.numel()
+    launch(scale_reciprocals_kernel, (triton.cdiv(n, 1024),), scale_ptr=scales, out_ptr=out, n=n, BLOCK=1024,
+           num_warps=4)
+    return out
 
 
 def _no_transform_args(device) -> dict:
@@ -329,8 +365,16 @@ def vcon_matmul(
         B_IS_W=b_is_w, EXACT_COEF=epilogue == EPI_EXACT_COEF, LOWRANK=lowrank is not None,
         scale_mode={EPI_BETA: 1, EPI_ONE_MINUS_BETA: 2}.get(epilogue, 0), has_bias=int(bias is not None),
         do_rowsum=int(rowsum is not None), INPUT_PRECISION=input_precision(a.dtype), UPCAST=UPCAST,
-        nm_in_tile=int(args["prune_kind"] == 2 and nm_in_tile(args["nm_m"], min_tile())),
     )
+    # N:M groups whole inside every tile: (n, m) become constexprs and the keep-mask is computed in
+    # registers (transform.nm_keep_reshaped); otherwise the group mates are read from memory.
+    in_tile = args["prune_kind"] == 2 and nm_in_tile(args["nm_m"], min_tile())
+    args.update(NM_GROUP=args["nm_m"] if in_tile else 0, NM_KEEP=args["nm_n"] if in_tile else 0)
+    # dX of an integer-quantized weight with per-tensor / per-channel scales reads the reciprocals of
+    # its row scales (transform.row_scale); the forward computes them itself, once per program
+    args["rcp_ptr"] = d
+    if b_is_w == B_IS_W and args["QUANT"] and not args["scale_grouped"] and not args["binary"]:
+        args["rcp_ptr"] = scale_reciprocals(args["scale_ptr"])
     if AUTOTUNE:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
