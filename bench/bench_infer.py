@@ -9,7 +9,7 @@ between measurements seconds apart even on a shared, noisy machine.
 
 Whole model: all-MiniLM-L6-v2 (the bundled copy of the minilm-rt task), 96 sentences x 48
 tokens (random token ids: the time does not depend on the text), every encoder linear
-finalized in each format, against the dense model; 2 threads.
+finalized in each format, against the dense model; 2 threads (`--model-threads`).
 
 Writes bench/data/infer.csv (merged by key), bench/data/infer_ratio_vs_m.png and
 bench/data/infer.md (``_cpu`` suffixes with ``--clock cpu``): the markdown tables of
@@ -120,7 +120,7 @@ def bench_model(args) -> list[dict]:
     quiet_transformers()
     import transformers
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.model_threads)
     path = minilm_path()
 
     def load():
@@ -143,10 +143,13 @@ def bench_model(args) -> list[dict]:
                 model(input_ids=ids, attention_mask=mask)
         return f
 
-    stats = measure_interleaved({name: run(m) for name, m in models.items()}, rounds=args.model_rounds)
-    rows = [_row("infer_minilm", name, "96x48", "fp32", 2, st, args.model_rounds) for name, st in stats.items()]
-    print("MiniLM 96x48 fp32 2t: " + "  ".join(f"{n} {s['median']:.0f} ms ({s['ratio_to_dense']:.2f})"
-                                               for n, s in stats.items()), flush=True)
+    stats = measure_interleaved({name: run(m) for name, m in models.items()}, rounds=args.model_rounds,
+                                clock=args.clock)
+    threads = args.model_threads
+    rows = [_row("infer_minilm", name, "96x48", "fp32", threads, st, args.model_rounds, args.clock)
+            for name, st in stats.items()]
+    cells = "  ".join(f"{n} {s['median']:.0f} ms ({s['ratio_to_dense']:.2f})" for n, s in stats.items())
+    print(f"MiniLM 96x48 fp32 {threads}t {args.clock}: {cells}", flush=True)
     return rows
 
 
@@ -171,10 +174,11 @@ def markdown(rows: list[dict]) -> str:
         out.append("")
     model = [r for r in rows if r["op"] == "infer_minilm"]
     if model:
-        out.append("MiniLM (96 x 48 tokens, fp32, 2 threads, every encoder linear finalized)\n")
-        out.append("| model | median ms | ratio to dense |\n|---|---|---|")
+        out.append("MiniLM (96 x 48 tokens, fp32, every encoder linear finalized)\n")
+        out.append("| model | threads, clock | median ms | ratio to dense |\n|---|---|---|---|")
         for r in model:
-            out.append(f"| {r['provider']} | {float(r['median']):.0f} | {float(r['ratio_to_dense']):.2f} |")
+            out.append(f"| {r['provider']} | {r['mode'].removeprefix('forward_')} | {float(r['median']):.0f} | "
+                       f"{float(r['ratio_to_dense']):.2f} |")
     return "\n".join(out)
 
 
@@ -212,6 +216,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--model-rounds", type=int, default=5)
+    parser.add_argument("--model-threads", type=int, default=2)
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: process CPU time, immune to other jobs' time slicing (use with --threads 1)")
     parser.add_argument("--big", action="store_true", help="also K = 4096 at M = 2048 (minutes per dtype)")

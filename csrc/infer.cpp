@@ -33,13 +33,15 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace vcon {
 namespace {
 
-// y[:, n0:n0+nb] (row stride ldy) = x (M, K) times the block w (nb, K)^T, single-threaded.
-void gemm_block(const float* w, int64_t nb, const float* x, int64_t M, int64_t K, float* y, int64_t ldy) {
+// y[:, n0:n0+nb] (row stride ldy) = x (M, K) times the block w (nb, K)^T (+ beta y: the bias
+// already in y), single-threaded.
+void gemm_block(const float* w, int64_t nb, const float* x, int64_t M, int64_t K, float* y, int64_t ldy,
+                float beta) {
   // Column-major view: y^T block (nb x M, ld ldy) = w^T' (nb x K) * x^T (K x M).
   const int m = static_cast<int>(nb), n = static_cast<int>(M), k = static_cast<int>(K);
   const int lda = k, ldb = k, ldc = static_cast<int>(ldy);
-  const float one = 1.0f, zero = 0.0f;
-  sgemm_("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &zero, y, &ldc);
+  const float one = 1.0f;
+  sgemm_("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &beta, y, &ldc);
 }
 
 const InferTable& infer_kernels() {
@@ -52,8 +54,10 @@ const InferTable& infer_kernels() {
   return infer_default();
 }
 
-// Per-thread buffers, reused across calls (grown, never shrunk).
-template <typename T>
+// Per-thread buffers, reused across calls (grown, never shrunk). Slot 0: weight blocks and
+// rows; slot 1: the whole-weight workspace of the caller, distinct from the row buffer the
+// caller also uses as a worker of the parallel dequantize.
+template <typename T, int Slot = 0>
 T* thread_buffer(int64_t count) {
   thread_local std::vector<T> buffer;
   if (static_cast<int64_t>(buffer.size()) < count) {
@@ -191,7 +195,8 @@ InferArgs make_args(const at::Tensor& x, int64_t fmt, const at::Tensor& a, const
 
 at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, const OptTensor& b,
                         const OptTensor& crow, const OptTensor& scales, int64_t rows, int64_t bits, int64_t qmin,
-                        int64_t group_size, int64_t nm_n, int64_t nm_m, int64_t index_bits, int64_t decode_max_m) {
+                        int64_t group_size, int64_t nm_n, int64_t nm_m, int64_t index_bits, int64_t decode_max_m,
+                        const OptTensor& bias, int64_t whole_max_bytes) {
   const char* op = "vcon_kernels._C.infer_linear: ";
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.is_contiguous(), op, "x must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(x.dtype() == at::kFloat || x.dtype() == at::kBFloat16 || x.dtype() == at::kHalf, op,
@@ -199,24 +204,61 @@ at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, c
   const InferArgs args = make_args(x, fmt, a, b, crow, scales, rows, bits, qmin, group_size, nm_n, nm_m, index_bits);
   const InferTable& k = infer_kernels();
   const int64_t M = x.size(0), K = x.size(1), N = rows;
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu()), op,
+              "bias must be a 1-D CPU tensor of ", N, " values");
   if (M == 0) {
     return at::empty({0, N}, x.options());
   }
+  // The GEMMs compute in fp32 for fp32 / fp16 x, in bf16 for bf16 x; the bias joins in that
+  // dtype (inside the GEMM where it can: no extra pass over y) and y is rounded once at the end.
+  const bool bf16 = x.dtype() == at::kBFloat16;
+  const at::ScalarType compute = bf16 ? at::kBFloat16 : at::kFloat;
+  const at::Tensor xc = x.dtype() == compute ? x : x.to(compute);
+  const OptTensor bc = bias.has_value() ? OptTensor(bias->to(compute).contiguous()) : std::nullopt;
+  auto finish = [&](const at::Tensor& y) { return y.dtype() == x.dtype() ? y : y.to(x.dtype()); };
   if (M <= decode_max_m) {
-    const at::Tensor xf = x.dtype() == at::kFloat ? x : x.to(at::kFloat);
+    const at::Tensor xf = xc.dtype() == at::kFloat ? xc : xc.to(at::kFloat);
     at::Tensor y = at::empty({M, N}, xf.options());
-    const float* xp = xf.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
     // On the calling thread only: a parallel region here waits for the pool's workers, and
     // after other ops (a dense layer, a softmax) those have gone to sleep; on the shared
     // 2-core machine of bench/RESULTS.md waking them cost 0.3 -> 29 ms per 2048x2048 call,
     // while the GEMV itself is memory-bound and gains little from a second core.
-    k.gemv(args, xp, M, yp, 0, N, thread_buffer<float>(K));
-    return x.dtype() == at::kFloat ? y : y.to(x.dtype());
+    k.gemv(args, xf.data_ptr<float>(), M, y.data_ptr<float>(), 0, N, thread_buffer<float>(K));
+    if (bias.has_value()) {
+      y.add_(bias->to(at::kFloat));
+    }
+    return finish(y);
   }
-  if (x.dtype() == at::kBFloat16) {
-    at::Tensor y = at::empty({M, N}, x.options());
-    const int64_t nb = block_rows(N, K, 2);
+  const int64_t esize = bf16 ? 2 : 4;
+  if (N * K * esize <= whole_max_bytes) {
+    // Small weights (MiniLM's 384 x 1536): the whole weight dequantized, then the very addmm
+    // F.linear(x, materialize(), bias) runs, threaded by torch. Split into blocks, such a
+    // GEMM lost 2-10% (each block re-packs all of x for a thin slice of W); the dequantize
+    // is O(N K) against the GEMM's O(M N K). Up to 2^20 weights it runs on the calling thread:
+    // a second parallel region per call costs more than it saves when the cores are shared
+    // (a preempted worker stalls the whole region; bench/INFER_NOTES.md).
+    void* ws = bf16 ? static_cast<void*>(thread_buffer<uint16_t, 1>(N * K)) : thread_buffer<float, 1>(N * K);
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / K);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      if (bf16) {
+        k.dequant_bf16(args, n0, n1, static_cast<uint16_t*>(ws) + n0 * K, thread_buffer<float>(K));
+      } else {
+        k.dequant_f32(args, n0, n1, static_cast<float*>(ws) + n0 * K);
+      }
+    });
+    const at::Tensor w = at::from_blob(ws, {N, K}, xc.options());
+    at::Tensor y = at::empty({M, N}, xc.options());
+    if (bc.has_value()) {
+      at::addmm_out(y, *bc, xc, w.t());
+    } else {
+      at::mm_out(y, xc, w.t());
+    }
+    return finish(y);
+  }
+  // Large weights: blocks of up to 8 MiB, one single-threaded GEMM each into its columns of y.
+  at::Tensor y = bc.has_value() ? bc->expand({M, N}).contiguous() : at::empty({M, N}, xc.options());
+  const int64_t nb = block_rows(N, K, esize);
+  if (bf16) {
     // The worker threads run tensor ops (mm, copy_): give them the caller's thread-local
     // state (inference mode, grad mode), which OpenMP threads do not inherit.
     const at::ThreadLocalState state;
@@ -229,26 +271,29 @@ at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, c
         k.dequant_bf16(args, n0, n1, ws, row);
         // torch's bf16 matmul (oneDNN, single-threaded inside this parallel region), then
         // into its columns of y: the copy is M x nb, small next to the GEMM's M x nb x K.
-        const at::Tensor wb = at::from_blob(ws, {n1 - n0, K}, x.options());
-        y.narrow(1, n0, n1 - n0).copy_(at::mm(x, wb.t()));
+        const at::Tensor wb = at::from_blob(ws, {n1 - n0, K}, xc.options());
+        at::Tensor cols = y.narrow(1, n0, n1 - n0);
+        if (bc.has_value()) {
+          cols.add_(at::mm(xc, wb.t()));
+        } else {
+          cols.copy_(at::mm(xc, wb.t()));
+        }
       }
     });
     return y;
   }
-  const at::Tensor xf = x.dtype() == at::kFloat ? x : x.to(at::kFloat);
-  at::Tensor y = at::empty({M, N}, xf.options());
-  const float* xp = xf.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t nb = block_rows(N, K, 4);
+  const float beta = bc.has_value() ? 1.0f : 0.0f;
   at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t b0, int64_t b1) {
     float* ws = thread_buffer<float>(nb * K);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * nb, n1 = std::min(N, n0 + nb);
       k.dequant_f32(args, n0, n1, ws);
-      gemm_block(ws, n1 - n0, xp, M, K, yp + n0, N);
+      gemm_block(ws, n1 - n0, xp, M, K, yp + n0, N, beta);
     }
   });
-  return x.dtype() == at::kFloat ? y : y.to(x.dtype());
+  return finish(y);
 }
 
 std::string infer_isa() {

@@ -67,7 +67,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("infer_linear", &vcon::infer_linear, release(), "y = x W^T of a finalized (compressed) weight",
         py::arg("x"), py::arg("fmt"), py::arg("a"), py::arg("b"), py::arg("crow"), py::arg("scales"),
         py::arg("rows"), py::arg("bits"), py::arg("qmin"), py::arg("group_size"), py::arg("nm_n"), py::arg("nm_m"),
-        py::arg("index_bits"), py::arg("decode_max_m"));
+        py::arg("index_bits"), py::arg("decode_max_m"), py::arg("bias") = py::none(),
+        py::arg("whole_max_bytes") = 0);
+  // What infer_linear accepts beyond its first version: 2 = the bias and whole_max_bytes arguments.
+  m.attr("INFER_VERSION") = 2;
   m.def("infer_isa", &vcon::infer_isa, "the ISA of the finalized-layer matmul kernels in use");
   m.def("isa", &vcon::current_isa, "the ISA of the kernels in use: 'default' or 'avx2'");
   m.def("compiled_isas", &vcon::compiled_isas, "the ISAs compiled into this build");

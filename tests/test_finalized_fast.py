@@ -90,9 +90,12 @@ def _rel_err(y, ref):
     return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("prefill", ["whole", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rows, cols", [(37, 52), (19, 256)])
-def test_every_format_matches_float64_reference(rows, cols, dtype):
+def test_every_format_matches_float64_reference(rows, cols, dtype, prefill, monkeypatch):
+    # Both prefill paths: the whole weight + torch's addmm (small weights) and the blocks + sgemm.
+    monkeypatch.setattr(matmul, "WHOLE_MAX_BYTES", 1 << 30 if prefill == "whole" else 0)
     gen = torch.Generator().manual_seed(7)
     bias = torch.randn(rows, generator=gen).to(dtype)
     for name, st in _storages(rows, cols, dtype).items():
@@ -104,6 +107,29 @@ def test_every_format_matches_float64_reference(rows, cols, dtype):
             ref = F.linear(x.double(), w64, bias.double())
             assert y.dtype == dtype and y.shape == (m, rows)
             assert _rel_err(y, ref) <= TOL[dtype], (name, m, _rel_err(y, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_whole_weight_prefill_is_f_linear_bit_for_bit(dtype):
+    """Small weights at prefill run F.linear's own addmm on exactly materialize()'s weight."""
+    gen = torch.Generator().manual_seed(3)
+    bias = torch.randn(37, generator=gen).to(dtype)
+    x = torch.randn(2, 20, 52, generator=gen).to(dtype)  # 40 rows: above the GEMV's batch sizes
+    for name, st in _storages(37, 52, dtype).items():
+        with torch.inference_mode():
+            y = matmul.compressed_linear(x, st, bias)
+            assert torch.equal(y, F.linear(x, st.materialize(), bias)), name
+
+
+def test_bias_that_needs_a_gradient_gets_one():
+    st = _storages(37, 52, torch.float32)["q4_g13"]
+    layer = vk.compressed.CompressedLinear(st, torch.randn(37))
+    x = torch.randn(12, 52)
+    assert matmul._fast_ok(x, st)  # x wants no gradient: the C++ kernel runs, the bias is added after it
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((37,), 12.0))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, st.materialize(), layer.bias))
 
 
 def test_leading_dims_and_noncontiguous_input():

@@ -4,8 +4,10 @@ On CPU (the C++ extension built, fp32 / bf16 / fp16 activations in the storage's
 gradient wanted, no autocast) a storage's codes go straight to ``_C.infer_linear``:
 
 * decode (at most ``DECODE_MAX_M[dtype]`` rows of x): a GEMV that reads each compressed row once;
-* prefill: the weight dequantized block by block into a reused per-thread workspace, each
-  block through one GEMM (fp32 for fp32/fp16 activations, bf16 for bf16).
+* prefill, weights of at most ``WHOLE_MAX_BYTES`` dequantized: the whole weight dequantized
+  into a reused workspace, then torch's own ``addmm`` (the GEMM and bias of ``F.linear``);
+* prefill, larger weights: dequantized block by block into a reused per-thread workspace,
+  each block through one GEMM (fp32 for fp32/fp16 activations, bf16 for bf16).
 
 Everything else (CUDA, fp64, autocast, autograd, torch.compile, a missing extension) computes
 ``F.linear(x, storage.materialize(), bias)``: the weight rebuilt with the arithmetic of the
@@ -29,12 +31,18 @@ import torch.nn.functional as F
 # so the GEMV only wins for the first rows.
 DECODE_MAX_M = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 2}
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Prefill: weights up to this size once dequantized (fp32 or bf16) are rebuilt whole and run
+# through torch's addmm, exactly F.linear's GEMM; larger ones go block by block, so the
+# workspace (kept by the calling thread across calls) stays bounded. Measured at MiniLM's
+# shapes (M = 4608, K, N in {384, 1536}, bench/profile_prefill.py): blocked, the GEMM alone was
+# 1.02-1.07x nn.Linear on 1 thread and the bias a further pass over y; whole, see INFER_NOTES.md.
+WHOLE_MAX_BYTES = 16 << 20
 
 try:
     from .. import _C
 except ImportError:  # the extension is optional: plain torch computes the same
     _C = None
-if _C is not None and not hasattr(_C, "infer_linear"):  # a build older than these kernels
+if _C is not None and getattr(_C, "INFER_VERSION", 0) < 2:  # a build older than these kernels
     _C = None
 
 
@@ -63,8 +71,10 @@ def compressed_linear(x: torch.Tensor, storage, bias=None) -> torch.Tensor:
         return F.linear(x, storage.materialize(), bias)
     fmt, a, b, crow, scales, bits, qmin, group_size, n, m, index_bits = storage.infer_args()
     x2 = x.reshape(-1, storage.shape[1]).contiguous()
+    # The bias goes into the kernel's GEMM (no extra pass over y) unless autograd wants its gradient.
+    late_bias = bias is not None and torch.is_grad_enabled() and bias.requires_grad
     y = _C.infer_linear(x2, fmt, a, b, crow, scales, storage.shape[0], bits, qmin, group_size, n, m, index_bits,
-                        DECODE_MAX_M[x.dtype])
-    if bias is not None:
-        y = y.add_(bias)
+                        DECODE_MAX_M[x.dtype], None if late_bias else bias, WHOLE_MAX_BYTES)
+    if late_bias:
+        y = y + bias
     return y.reshape(*x.shape[:-1], storage.shape[0])
