@@ -16,8 +16,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/util/StringUtil.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -44,10 +46,33 @@ void gemm_block(const float* w, int64_t nb, const float* x, int64_t M, int64_t K
   sgemm_("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &beta, y, &ldc);
 }
 
+bool cpu_has_avx512() {
+#if defined(VCON_HAVE_AVX512) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+// The table set_infer_isa() forced, or null: follow the blend kernels' ISA.
+std::atomic<const InferTable*> g_forced{nullptr};
+
 const InferTable& infer_kernels() {
+  if (const InferTable* forced = g_forced.load(std::memory_order_acquire)) {
+    return *forced;
+  }
 #ifdef VCON_HAVE_AVX2
-  // Follows set_isa() / ATEN_CPU_CAPABILITY through the blend kernels' choice.
+  // Follows set_isa() / ATEN_CPU_CAPABILITY through the blend kernels' choice; AVX-512 only
+  // where ATen itself runs its AVX-512 kernels (ATEN_CPU_CAPABILITY=avx2 turns it off).
   if (std::strcmp(kernels().isa, "avx2") == 0) {
+#ifdef VCON_HAVE_AVX512
+    static const bool avx512 = cpu_has_avx512() && at::get_cpu_capability() == "AVX512";
+    if (avx512) {
+      return infer_avx512();
+    }
+#endif
     return infer_avx2();
   }
 #endif
@@ -223,7 +248,7 @@ at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, c
     // after other ops (a dense layer, a softmax) those have gone to sleep; on the shared
     // 2-core machine of bench/RESULTS.md waking them cost 0.3 -> 29 ms per 2048x2048 call,
     // while the GEMV itself is memory-bound and gains little from a second core.
-    k.gemv(args, xf.data_ptr<float>(), M, y.data_ptr<float>(), 0, N, thread_buffer<float>(K));
+    k.gemv(args, xf.data_ptr<float>(), M, y.data_ptr<float>(), 0, N, thread_buffer<float>(M * K));
     if (bias.has_value()) {
       y.add_(bias->to(at::kFloat));
     }
@@ -298,6 +323,36 @@ at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, c
 
 std::string infer_isa() {
   return infer_kernels().isa;
+}
+
+std::vector<std::string> infer_isas() {
+  std::vector<std::string> names{"default"};
+#ifdef VCON_HAVE_AVX2
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    names.emplace_back("avx2");
+  }
+#endif
+  if (cpu_has_avx512()) {
+    names.emplace_back("avx512");
+  }
+  return names;
+}
+
+void set_infer_isa(const std::string& name) {
+  const auto usable = infer_isas();
+  TORCH_CHECK(name == "auto" || std::find(usable.begin(), usable.end(), name) != usable.end(),
+              "vcon_kernels._C.set_infer_isa: isa must be 'auto' or one this CPU and build run (",
+              c10::Join(", ", usable), "), got '", name, "'");
+  const InferTable* table = nullptr;
+#ifdef VCON_HAVE_AVX2
+  if (name == "avx2") table = &infer_avx2();
+#endif
+#ifdef VCON_HAVE_AVX512
+  if (name == "avx512") table = &infer_avx512();
+#endif
+  if (name == "default") table = &infer_default();
+  g_forced.store(table, std::memory_order_release);
 }
 
 }  // namespace vcon

@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace vcon {
 
@@ -18,7 +19,13 @@ at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, c
                         int64_t index_bits, int64_t decode_max_m, const std::optional<at::Tensor>& bias,
                         int64_t whole_max_bytes);
 
-// The ISA of the infer kernels in use ("default" or "avx2").
+// The ISA of the infer kernels in use ("default", "avx2" or "avx512").
 std::string infer_isa();
+
+// The infer ISAs compiled into this build that this CPU runs.
+std::vector<std::string> infer_isas();
+
+// Force one of infer_isas() (tests, benchmarks), or "auto": follow set_isa / the CPU.
+void set_infer_isa(const std::string& name);
 
 }  // namespace vcon

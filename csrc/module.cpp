@@ -72,6 +72,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // What infer_linear accepts beyond its first version: 2 = the bias and whole_max_bytes arguments.
   m.attr("INFER_VERSION") = 2;
   m.def("infer_isa", &vcon::infer_isa, "the ISA of the finalized-layer matmul kernels in use");
+  m.def("infer_isas", &vcon::infer_isas, "the finalized-layer kernel ISAs this build and CPU run");
+  m.def("set_infer_isa", &vcon::set_infer_isa, "force one of infer_isas() or 'auto'", py::arg("name"));
   m.def("isa", &vcon::current_isa, "the ISA of the kernels in use: 'default' or 'avx2'");
   m.def("compiled_isas", &vcon::compiled_isas, "the ISAs compiled into this build");
   m.def("set_isa", &vcon::set_isa, "force 'default' or 'avx2' kernels, or 'auto'", py::arg("name"));

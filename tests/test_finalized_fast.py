@@ -63,8 +63,9 @@ def _storages(rows, cols, dtype):
     """One storage of every format (and the kernel variants: fused int8/int4, generic rest)."""
     gen = torch.Generator().manual_seed(rows * 1000 + cols)
     out = {}
+    int4_32 = [(4, 0), (4, 32)] if cols % 32 == 0 else []  # the AVX-512 int4 GEMV's cases (32k columns)
     for bits, group in [(8, 0), (8, cols), (8, cols // 4), (4, cols), (4, cols // 2), (4, cols // 4), (2, 0),
-                        (2, cols), (1, 0), (1, cols // 4)]:
+                        (2, cols), (1, 0), (1, cols // 4), *int4_32]:
         spec = TransformSpec(bits=bits, group_size=group)
         zeros = 0.3 if bits == 1 and group else 0.0  # binary with exact zeros: the non-zero bit plane
         out[f"q{bits}_g{group}"] = QuantizedWeight(_codes((rows, cols), bits, gen, zeros),
@@ -107,6 +108,36 @@ def test_every_format_matches_float64_reference(rows, cols, dtype, prefill, monk
             ref = F.linear(x.double(), w64, bias.double())
             assert y.dtype == dtype and y.shape == (m, rows)
             assert _rel_err(y, ref) <= TOL[dtype], (name, m, _rel_err(y, ref))
+
+
+@pytest.fixture(params=matmul._C.infer_isas() if matmul.fast_path_available() else [])
+def infer_isa(request):
+    """Each kernel copy this CPU runs (default, avx2, avx512), not only the one auto picks."""
+    matmul._C.set_infer_isa(request.param)
+    yield request.param
+    matmul._C.set_infer_isa("auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows, cols", [(37, 52), (11, 96), (19, 256)])  # 96: an odd number of 32-column groups
+def test_decode_of_every_isa_matches_float64_reference(rows, cols, dtype, infer_isa):
+    gen = torch.Generator().manual_seed(11)
+    bias = torch.randn(rows, generator=gen).to(dtype)
+    for name, st in _storages(rows, cols, dtype).items():
+        w64 = st.materialize().double()
+        for m in range(1, matmul.DECODE_MAX_M[dtype] + 1):
+            x = torch.randn(m, cols, generator=gen).to(dtype)
+            if m == 1:
+                x[0, : cols // 2] += 3.0  # a large mean: what a qmin * sum(x) shortcut would lose to cancellation
+            y = matmul.compressed_linear(x, st, bias)
+            ref = F.linear(x.double(), w64, bias.double())
+            assert _rel_err(y, ref) <= TOL[dtype], (infer_isa, name, m, _rel_err(y, ref))
+    assert matmul._C.infer_isa() == infer_isa
+
+
+def test_set_infer_isa_rejects_unknown_names():
+    with pytest.raises(RuntimeError, match="isa must be 'auto' or one"):
+        matmul._C.set_infer_isa("sse9")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
