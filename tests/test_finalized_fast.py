@@ -25,6 +25,7 @@ from vcon_kernels.compressed import SparseQuantizedWeight
 from vcon_kernels.compressed import SparseWeight
 from vcon_kernels.compressed import matmul
 from vcon_kernels.compressed import module_from_meta
+from vcon_kernels.compressed.storage import storage_from_meta
 from vcon_kernels.spec import TransformSpec
 
 if not matmul.fast_path_available():
@@ -186,6 +187,20 @@ def test_kernel_rejects_mismatched_buffers():
     with pytest.raises(RuntimeError, match="codes must be"):
         matmul._C.infer_linear(torch.randn(1, 52), fmt, a[:, :40].contiguous(), b, crow, scales, 37, bits, qmin,
                                group, n, m, ib, 4)
+
+
+@pytest.mark.parametrize("rows, cols", [(37, 52), (19, 256)])
+def test_empty_storages_build_on_meta_with_the_stored_layout(rows, cols):
+    """from_meta builds every format on the meta device (no dense-sized temporary on the CPU while
+    loading) with the buffers a real storage has, and a CPU one loads its state_dict exactly."""
+    for name, st in _storages(rows, cols, torch.float32).items():
+        layout = {k: (tuple(v.shape), v.dtype) for k, v in st.state_dict().items()}
+        on_meta = storage_from_meta(st.meta(), device="meta")
+        assert {k: (tuple(v.shape), v.dtype) for k, v in on_meta.state_dict().items()} == layout, name
+        empty = storage_from_meta(st.meta())
+        assert {k: (tuple(v.shape), v.dtype) for k, v in empty.state_dict().items()} == layout, name
+        empty.load_state_dict(st.state_dict())
+        assert repr(empty) == repr(st) and torch.equal(empty.materialize(), st.materialize()), name
 
 
 def test_csr_load_checks_column_indices():
