@@ -110,11 +110,10 @@ void check_u8(const at::Tensor& t, const char* name) {
               " must be uint8 or int8, got ", t.dtype());
 }
 
-InferArgs make_args(const at::Tensor& x, int64_t fmt, const at::Tensor& a, const OptTensor& b, const OptTensor& crow,
+InferArgs make_args(int64_t K, int64_t fmt, const at::Tensor& a, const OptTensor& b, const OptTensor& crow,
                     const OptTensor& scales, int64_t rows, int64_t bits, int64_t qmin, int64_t group_size,
                     int64_t nm_n, int64_t nm_m, int64_t index_bits) {
   const char* op = "vcon_kernels._C.infer_linear: ";
-  const int64_t K = x.size(1);
   InferArgs args;
   args.fmt = static_cast<int>(fmt);
   args.rows = rows;
@@ -226,7 +225,8 @@ at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, c
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.is_contiguous(), op, "x must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(x.dtype() == at::kFloat || x.dtype() == at::kBFloat16 || x.dtype() == at::kHalf, op,
               "x must be float32, bfloat16 or float16, got ", x.dtype());
-  const InferArgs args = make_args(x, fmt, a, b, crow, scales, rows, bits, qmin, group_size, nm_n, nm_m, index_bits);
+  const InferArgs args =
+      make_args(x.size(1), fmt, a, b, crow, scales, rows, bits, qmin, group_size, nm_n, nm_m, index_bits);
   const InferTable& k = infer_kernels();
   const int64_t M = x.size(0), K = x.size(1), N = rows;
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu()), op,
@@ -319,6 +319,28 @@ at::Tensor infer_linear(const at::Tensor& x, int64_t fmt, const at::Tensor& a, c
     }
   });
   return finish(y);
+}
+
+at::Tensor infer_dequantize(int64_t fmt, const at::Tensor& a, const OptTensor& b, const OptTensor& crow,
+                            const OptTensor& scales, int64_t rows, int64_t cols, int64_t bits, int64_t qmin,
+                            int64_t group_size, int64_t nm_n, int64_t nm_m, int64_t index_bits, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "vcon_kernels._C.infer_dequantize: dtype must be float32, bfloat16 or float16, got ", dtype);
+  const InferArgs args = make_args(cols, fmt, a, b, crow, scales, rows, bits, qmin, group_size, nm_n, nm_m, index_bits);
+  const InferTable& k = infer_kernels();
+  const bool bf16 = dtype == at::kBFloat16;
+  at::Tensor w = at::empty({rows, cols}, a.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  // One pass in rows of ~2^20 weights (on the calling thread for small weights, as in the
+  // whole-weight prefill): what materialize() computes with several tensor ops and temporaries.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / cols);
+  at::parallel_for(0, rows, grain, [&](int64_t n0, int64_t n1) {
+    if (bf16) {
+      k.dequant_bf16(args, n0, n1, static_cast<uint16_t*>(w.data_ptr()) + n0 * cols, thread_buffer<float>(cols));
+    } else {
+      k.dequant_f32(args, n0, n1, w.data_ptr<float>() + n0 * cols);
+    }
+  });
+  return dtype == at::kHalf ? w.to(at::kHalf) : w;
 }
 
 std::string infer_isa() {

@@ -69,7 +69,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rows"), py::arg("bits"), py::arg("qmin"), py::arg("group_size"), py::arg("nm_n"), py::arg("nm_m"),
         py::arg("index_bits"), py::arg("decode_max_m"), py::arg("bias") = py::none(),
         py::arg("whole_max_bytes") = 0);
-  // What infer_linear accepts beyond its first version: 2 = the bias and whole_max_bytes arguments.
+  m.def("infer_dequantize", &vcon::infer_dequantize, release(),
+        "the dense weight of a finalized storage (what its materialize() returns), in one pass", py::arg("fmt"),
+        py::arg("a"), py::arg("b"), py::arg("crow"), py::arg("scales"), py::arg("rows"), py::arg("cols"),
+        py::arg("bits"), py::arg("qmin"), py::arg("group_size"), py::arg("nm_n"), py::arg("nm_m"),
+        py::arg("index_bits"), py::arg("dtype"));
+  // What the infer bindings offer beyond their first version: 2 = infer_linear's bias and
+  // whole_max_bytes arguments, and infer_dequantize.
   m.attr("INFER_VERSION") = 2;
   m.def("infer_isa", &vcon::infer_isa, "the ISA of the finalized-layer matmul kernels in use");
   m.def("infer_isas", &vcon::infer_isas, "the finalized-layer kernel ISAs this build and CPU run");

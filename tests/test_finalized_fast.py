@@ -153,6 +153,26 @@ def test_whole_weight_prefill_is_f_linear_bit_for_bit(dtype):
             assert torch.equal(y, F.linear(x, st.materialize(), bias)), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_one_pass_dequantize_is_materialize_bit_for_bit(dtype, infer_isa):
+    for name, st in {**_storages(37, 52, dtype), **_storages(19, 256, dtype)}.items():
+        w = matmul.dense_weight(st)
+        assert w.dtype == dtype and torch.equal(w, st.materialize()), (infer_isa, name)
+
+
+@pytest.mark.parametrize("config", [vk.Quantize(bits=4, granularity="group", group_size=9), vk.Prune(sparsity=0.9),
+                                    vk.Compose(vk.Prune(granularity="nm", n=2, m=4), vk.Quantize(bits=8))],
+                         ids=["int4_g9", "csr_90", "nm_2_4_int8"])
+def test_compressed_conv_uses_the_one_pass_weight(config):
+    layer = vk.convert(nn.Sequential(nn.Conv2d(8, 12, 3, padding=1)), config)[0]  # K = 8 * 3 * 3 = 72
+    layer.set_beta(0.0)
+    final = vk.finalize(nn.Sequential(layer))[0]
+    x = torch.randn(2, 8, 7, 7)
+    with torch.inference_mode():
+        w = final.storage.materialize().view(final.weight_shape)
+        assert torch.equal(final(x), F.conv2d(x, w, final.bias, padding=1))
+
+
 def test_bias_that_needs_a_gradient_gets_one():
     st = _storages(37, 52, torch.float32)["q4_g13"]
     layer = vk.compressed.CompressedLinear(st, torch.randn(37))

@@ -63,6 +63,22 @@ def _fast_ok(x: torch.Tensor, storage) -> bool:
     return storage.infer_args() is not None
 
 
+def dense_weight(storage) -> torch.Tensor:
+    """``storage.materialize()``, in one C++ pass on CPU (``_C.infer_dequantize``) where it applies.
+
+    For the layers that still rebuild their weight per call (``CompressedConv2d``): the same
+    values as ``materialize()`` (bit for bit), without its tensor ops and temporaries.
+    """
+    if (_C is None or storage.dtype not in FAST_DTYPES or torch.compiler.is_compiling()
+            or storage.infer_args() is None):
+        return storage.materialize()
+    fmt, a, b, crow, scales, bits, qmin, group_size, n, m, index_bits = storage.infer_args()
+    if a.device.type != "cpu":
+        return storage.materialize()
+    return _C.infer_dequantize(fmt, a, b, crow, scales, storage.shape[0], storage.shape[1], bits, qmin, group_size,
+                               n, m, index_bits, storage.dtype)
+
+
 def compressed_linear(x: torch.Tensor, storage, bias=None) -> torch.Tensor:
     """``x @ W^T + bias`` for a compressed ``storage`` (any leading dims of ``x``)."""
     if x.shape[-1] != storage.shape[1]:
