@@ -37,8 +37,8 @@ AVX2_FLAGS = [
     "-UCPU_CAPABILITY", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
     "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2",
 ]
-# The finalized-layer kernels only (csrc/infer_avx512.cpp): the AVX2 code plus an int4 GEMV
-# that is compute-bound on AVX2 (csrc/infer_q4_avx512.h). Dispatched at run time.
+# The finalized-layer kernels only (csrc/infer_avx512.cpp): the AVX2 code plus the int4 and 2:4
+# GEMVs that are compute-bound on AVX2 (csrc/infer_{q4,nm}_avx512.h). Dispatched at run time.
 AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 
 
@@ -75,7 +75,8 @@ def _extension_setup() -> dict:
         extra_compile_args={"cxx": flags},
         extra_link_args=["-fopenmp"],
         depends=[os.path.join(CSRC, f) for f in ("vcon.h", "kernels.h", "ops.h", "select.h", "infer.h",
-                                                 "infer_kernels.h", "infer_ops.h", "infer_q4_avx512.h")],
+                                                 "infer_kernels.h", "infer_ops.h", "infer_q4_avx512.h",
+                                                 "infer_nm_avx512.h")],
     )
 
     class BuildExt(BuildExtension.with_options(use_ninja=False)):

@@ -119,7 +119,7 @@ def infer_isa(request):
     matmul._C.set_infer_isa("auto")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rows, cols", [(37, 52), (11, 96), (19, 256)])  # 96: an odd number of 32-column groups
 def test_decode_of_every_isa_matches_float64_reference(rows, cols, dtype, infer_isa):
     gen = torch.Generator().manual_seed(11)
