@@ -21,6 +21,7 @@ Example usage::
     python bench/bench_infer.py --k 2048 --m 1 16 --threads 1 --formats int8_channel csr_90
     python bench/bench_infer.py --model-only
     python bench/bench_infer.py --k 2048 --m 1 --threads 1 --clock cpu --rounds 15 --no-model
+    python bench/bench_infer.py --tables-only --clock cpu    # data/infer_cpu.md from the CSV
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from bench_common import DATA_DIR  # noqa: E402
 from bench_common import device_name  # noqa: E402
 from bench_common import measure_interleaved  # noqa: E402
 from bench_common import now  # noqa: E402
+from bench_common import read_rows  # noqa: E402
 from bench_common import version_string  # noqa: E402
 from bench_common import write_rows  # noqa: E402
 
@@ -222,13 +224,18 @@ def main(argv=None) -> None:
     parser.add_argument("--big", action="store_true", help="also K = 4096 at M = 2048 (minutes per dtype)")
     parser.add_argument("--model-only", action="store_true")
     parser.add_argument("--no-model", action="store_true")
+    parser.add_argument("--tables-only", action="store_true", help="measure nothing: rewrite tables and plot")
     parser.add_argument("--csv", default=INFER_CSV)
     args = parser.parse_args(argv)
-    rows = [] if args.model_only else bench_layers(args)
-    if not args.no_model:
-        rows += bench_model(args)
-    write_rows(rows, args.csv)
+    if not args.tables_only:
+        rows = [] if args.model_only else bench_layers(args)
+        if not args.no_model:
+            rows += bench_model(args)
+        write_rows(rows, args.csv)
+    # The tables and the plot cover every run of this clock in the CSV (runs of other K, M or
+    # threads accumulate), not only this one.
     suffix = "" if args.clock == "wall" else f"_{args.clock}"
+    rows = [r for r in read_rows(args.csv) if r["mode"].endswith(f"_{args.clock}")]
     if any(r["op"] == "infer_linear" for r in rows):
         plot(rows, os.path.join(DATA_DIR, f"infer_ratio_vs_m{suffix}.png"))
     text = markdown(rows)
