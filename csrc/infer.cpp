@@ -1,13 +1,16 @@
-// The matmul of a finalized (compressed) linear layer: y = x W^T, W never rebuilt whole.
+// The matmul of a finalized (compressed) linear layer: y = x W^T (+ bias).
 //
 // * decode (M <= decode_max_m): a GEMV that reads each compressed row once (int8 / packed
 //   int4 / binary / 2:4 / CSR fused in registers, the other formats dequantized row by row
 //   into an L1 buffer) and multiplies it into every row of x, on the calling thread.
-// * prefill: W is dequantized block by block (up to 8 MiB, so the block stays in L3) into a
-//   per-thread workspace that is reused across calls, and each block goes through one
-//   single-threaded BLAS GEMM written straight into its columns of y. fp32 / fp16
-//   activations use an fp32 GEMM on the fp32 weight; bf16 activations a bf16 GEMM on the
-//   weight rounded to bf16 (what materialize() returns for a bf16 layer).
+// * prefill, small weights (<= whole_max_bytes dequantized): W dequantized whole into a
+//   workspace the calling thread keeps, then torch's addmm (F.linear's own GEMM and bias).
+// * prefill, larger weights: W is dequantized block by block (up to 8 MiB, so the block stays
+//   in L3) into a per-thread workspace that is reused across calls, and each block goes
+//   through one single-threaded BLAS GEMM written straight into its columns of y.
+// fp32 / fp16 activations use an fp32 GEMM on the fp32 weight; bf16 activations a bf16 GEMM
+// on the weight rounded to bf16 (what materialize() returns for a bf16 layer).
+// infer_dequantize is the dequantize alone (CompressedConv2d's weight).
 //
 // vcon_kernels/compressed/matmul.py calls infer_linear; the arguments are the storage's
 // buffers as they are in its state_dict.
