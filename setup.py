@@ -7,10 +7,12 @@ fall back to plain torch with one warning at first use. ``VCON_NO_EXTENSION=1`` 
 ``VCON_REQUIRE_EXTENSION=1`` turns a failed build into an error (CI).
 
 ISA choice: the row kernels (csrc/kernels.h) are compiled twice, for the baseline ISA
-and, on x86-64, with ``-mavx2 -mfma -mf16c`` (runtime dispatch in csrc/ops.cpp). Building
-the whole extension with ``-mavx2`` (or ``-march=native``) would crash with SIGILL on a
-CPU without AVX2 and would tie a wheel to the build machine; AVX-512 gains nothing for
-these memory-bound passes (one read and one write of W). Every file gets
+and, on x86-64, with ``-mavx2 -mfma -mf16c`` (runtime dispatch in csrc/ops.cpp); the
+finalized-layer kernels (csrc/infer_kernels.h) a third time with AVX-512 (csrc/infer.cpp
+dispatches). Building the whole extension with ``-mavx2`` (or ``-march=native``) would crash
+with SIGILL on a CPU without AVX2 and would tie a wheel to the build machine; AVX-512 gains
+nothing for the blend passes (memory-bound: one read and one write of W), but the int4 GEMV
+of a finalized layer is compute-bound in AVX2. Every file gets
 ``-ffp-contract=off``: an FMA rounds ``a * b + c`` once where torch rounds twice, and
 the C++ transforms must stay bit-identical to the plain-torch ones.
 """
@@ -27,6 +29,7 @@ BASE_SOURCES = [
     "infer_default.cpp",
 ]
 AVX2_SOURCES = ("kernels_avx2.cpp", "infer_avx2.cpp")
+AVX512_SOURCES = ("infer_avx512.cpp",)
 COMMON_FLAGS = [
     "-O3", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-DCPU_CAPABILITY=DEFAULT",
 ]
@@ -34,6 +37,9 @@ AVX2_FLAGS = [
     "-UCPU_CAPABILITY", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
     "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2",
 ]
+# The finalized-layer kernels only (csrc/infer_avx512.cpp): the AVX2 code plus the int4 and 2:4
+# GEMVs that are compute-bound on AVX2 (csrc/infer_{q4,nm}_avx512.h). Dispatched at run time.
+AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 
 
 def _say(message: str) -> None:
@@ -59,16 +65,18 @@ def _extension_setup() -> dict:
     flags = list(COMMON_FLAGS)
     per_file = {}
     if _is_x86_64():
-        sources.extend(os.path.join(CSRC, f) for f in AVX2_SOURCES)
-        flags.append("-DVCON_HAVE_AVX2")
+        sources.extend(os.path.join(CSRC, f) for f in AVX2_SOURCES + AVX512_SOURCES)
+        flags.extend(["-DVCON_HAVE_AVX2", "-DVCON_HAVE_AVX512"])
         per_file.update({f: AVX2_FLAGS for f in AVX2_SOURCES})
+        per_file.update({f: AVX512_FLAGS for f in AVX512_SOURCES})
     ext = CppExtension(
         "vcon_kernels._C",
         sources,
         extra_compile_args={"cxx": flags},
         extra_link_args=["-fopenmp"],
         depends=[os.path.join(CSRC, f) for f in ("vcon.h", "kernels.h", "ops.h", "select.h", "infer.h",
-                                                 "infer_kernels.h", "infer_ops.h")],
+                                                 "infer_kernels.h", "infer_ops.h", "infer_q4_avx512.h",
+                                                 "infer_nm_avx512.h")],
     )
 
     class BuildExt(BuildExtension.with_options(use_ninja=False)):
@@ -92,7 +100,8 @@ def _extension_setup() -> dict:
                 # setuptools sorts the sources; put the AVX2 object last. The linker keeps the
                 # first copy of an inline function that several objects share, and that copy
                 # must be a baseline one (tests/test_cpp_backend.py checks the binary).
-                objects = sorted(objects, key=lambda o: any(f[:-4] in os.path.basename(o) for f in AVX2_SOURCES))
+                objects = sorted(objects, key=lambda o: any(f[:-4] in os.path.basename(o)
+                                                            for f in AVX2_SOURCES + AVX512_SOURCES))
                 return link_one(objects, *args, **kwargs)
 
             self.compiler._compile = _compile

@@ -9,7 +9,7 @@ between measurements seconds apart even on a shared, noisy machine.
 
 Whole model: all-MiniLM-L6-v2 (the bundled copy of the minilm-rt task), 96 sentences x 48
 tokens (random token ids: the time does not depend on the text), every encoder linear
-finalized in each format, against the dense model; 2 threads.
+finalized in each format, against the dense model; 2 threads (`--model-threads`).
 
 Writes bench/data/infer.csv (merged by key), bench/data/infer_ratio_vs_m.png and
 bench/data/infer.md (``_cpu`` suffixes with ``--clock cpu``): the markdown tables of
@@ -21,6 +21,7 @@ Example usage::
     python bench/bench_infer.py --k 2048 --m 1 16 --threads 1 --formats int8_channel csr_90
     python bench/bench_infer.py --model-only
     python bench/bench_infer.py --k 2048 --m 1 --threads 1 --clock cpu --rounds 15 --no-model
+    python bench/bench_infer.py --tables-only --clock cpu    # data/infer_cpu.md from the CSV
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from bench_common import DATA_DIR  # noqa: E402
 from bench_common import device_name  # noqa: E402
 from bench_common import measure_interleaved  # noqa: E402
 from bench_common import now  # noqa: E402
+from bench_common import read_rows  # noqa: E402
 from bench_common import version_string  # noqa: E402
 from bench_common import write_rows  # noqa: E402
 
@@ -120,7 +122,7 @@ def bench_model(args) -> list[dict]:
     quiet_transformers()
     import transformers
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.model_threads)
     path = minilm_path()
 
     def load():
@@ -143,10 +145,13 @@ def bench_model(args) -> list[dict]:
                 model(input_ids=ids, attention_mask=mask)
         return f
 
-    stats = measure_interleaved({name: run(m) for name, m in models.items()}, rounds=args.model_rounds)
-    rows = [_row("infer_minilm", name, "96x48", "fp32", 2, st, args.model_rounds) for name, st in stats.items()]
-    print("MiniLM 96x48 fp32 2t: " + "  ".join(f"{n} {s['median']:.0f} ms ({s['ratio_to_dense']:.2f})"
-                                               for n, s in stats.items()), flush=True)
+    stats = measure_interleaved({name: run(m) for name, m in models.items()}, rounds=args.model_rounds,
+                                clock=args.clock)
+    threads = args.model_threads
+    rows = [_row("infer_minilm", name, "96x48", "fp32", threads, st, args.model_rounds, args.clock)
+            for name, st in stats.items()]
+    cells = "  ".join(f"{n} {s['median']:.0f} ms ({s['ratio_to_dense']:.2f})" for n, s in stats.items())
+    print(f"MiniLM 96x48 fp32 {threads}t {args.clock}: {cells}", flush=True)
     return rows
 
 
@@ -171,10 +176,11 @@ def markdown(rows: list[dict]) -> str:
         out.append("")
     model = [r for r in rows if r["op"] == "infer_minilm"]
     if model:
-        out.append("MiniLM (96 x 48 tokens, fp32, 2 threads, every encoder linear finalized)\n")
-        out.append("| model | median ms | ratio to dense |\n|---|---|---|")
+        out.append("MiniLM (96 x 48 tokens, fp32, every encoder linear finalized)\n")
+        out.append("| model | threads, clock | median ms | ratio to dense |\n|---|---|---|---|")
         for r in model:
-            out.append(f"| {r['provider']} | {float(r['median']):.0f} | {float(r['ratio_to_dense']):.2f} |")
+            out.append(f"| {r['provider']} | {r['mode'].removeprefix('forward_')} | {float(r['median']):.0f} | "
+                       f"{float(r['ratio_to_dense']):.2f} |")
     return "\n".join(out)
 
 
@@ -212,18 +218,24 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--model-rounds", type=int, default=5)
+    parser.add_argument("--model-threads", type=int, default=2)
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: process CPU time, immune to other jobs' time slicing (use with --threads 1)")
     parser.add_argument("--big", action="store_true", help="also K = 4096 at M = 2048 (minutes per dtype)")
     parser.add_argument("--model-only", action="store_true")
     parser.add_argument("--no-model", action="store_true")
+    parser.add_argument("--tables-only", action="store_true", help="measure nothing: rewrite tables and plot")
     parser.add_argument("--csv", default=INFER_CSV)
     args = parser.parse_args(argv)
-    rows = [] if args.model_only else bench_layers(args)
-    if not args.no_model:
-        rows += bench_model(args)
-    write_rows(rows, args.csv)
+    if not args.tables_only:
+        rows = [] if args.model_only else bench_layers(args)
+        if not args.no_model:
+            rows += bench_model(args)
+        write_rows(rows, args.csv)
+    # The tables and the plot cover every run of this clock in the CSV (runs of other K, M or
+    # threads accumulate), not only this one.
     suffix = "" if args.clock == "wall" else f"_{args.clock}"
+    rows = [r for r in read_rows(args.csv) if r["mode"].endswith(f"_{args.clock}")]
     if any(r["op"] == "infer_linear" for r in rows):
         plot(rows, os.path.join(DATA_DIR, f"infer_ratio_vs_m{suffix}.png"))
     text = markdown(rows)

@@ -279,6 +279,11 @@ def infer_section() -> list[str]:
     with open(tables) as f:
         out = ["# Finalized modules (`python bench/bench_infer.py`, data/infer.csv)", "", f.read().strip(), "",
                "![ratio vs M](data/infer_ratio_vs_m.png)", ""]
+    cpu_tables = os.path.join(BENCH_DIR, "data", "infer_cpu.md")
+    if os.path.exists(cpu_tables):  # runs with --clock cpu (process CPU time, 1 thread)
+        with open(cpu_tables) as f:
+            out += ["## Finalized modules, process CPU time (`--clock cpu --threads 1`)", "", f.read().strip(), "",
+                    "![ratio vs M, CPU time](data/infer_ratio_vs_m_cpu.png)", ""]
     if os.path.exists(notes):
         with open(notes) as f:
             out += [f.read().strip(), ""]

@@ -2,8 +2,8 @@
 //
 // The formats are the storages of vcon_kernels/compressed/storage.py; InferArgs is one
 // of them flattened to raw pointers (infer.cpp fills it from the tensors). The row
-// kernels (infer_kernels.h) are compiled for the baseline ISA and for AVX2, like
-// kernels.h, and picked at run time.
+// kernels (infer_kernels.h) are compiled for the baseline ISA, for AVX2 (like kernels.h)
+// and for AVX-512, and picked at run time.
 #pragma once
 
 #include <cstdint>
@@ -45,7 +45,7 @@ struct InferArgs {
 // One ISA's kernels. x: (M, K) fp32 row-major; y: (M, N) fp32 row-major.
 struct InferTable {
   const char* isa;
-  // y[:, n0:n1] for M small: reads each compressed row once. `buf` has K floats.
+  // y[:, n0:n1] for M small: reads each compressed row once. `buf` has M * K floats.
   void (*gemv)(const InferArgs& args, const float* x, int64_t m, float* y, int64_t n0, int64_t n1, float* buf);
   // Rows n0..n1 of the dense W (fp32, row stride K): exactly what materialize() computes in fp32.
   void (*dequant_f32)(const InferArgs& args, int64_t n0, int64_t n1, float* out);
@@ -56,6 +56,9 @@ struct InferTable {
 const InferTable& infer_default();
 #ifdef VCON_HAVE_AVX2
 const InferTable& infer_avx2();
+#endif
+#ifdef VCON_HAVE_AVX512
+const InferTable& infer_avx512();
 #endif
 
 }  // namespace vcon

@@ -1,7 +1,8 @@
 // Row kernels of the finalized-layer matmul (see infer.h), compiled once per ISA.
 //
-// Included by infer_default.cpp and infer_avx2.cpp with VCON_ISA set to a namespace name, so
-// each ISA's copy has its own symbols. As in kernels.h: no at::Tensor, no std containers, no
+// Included by infer_default.cpp, infer_avx2.cpp and infer_avx512.cpp with VCON_ISA set to a
+// namespace name, so each ISA's copy has its own symbols. The AVX-512 copy is the AVX2 code
+// (compiled with AVX-512 enabled) plus the kernels of infer_q4_avx512.h and infer_nm_avx512.h. As in kernels.h: no at::Tensor, no std containers, no
 // static initializers here (the AVX2 copy must not run before the CPU check in infer.cpp).
 //
 // Numerics: every dequantized weight is `float(code) * scale` in fp32, the arithmetic of
@@ -753,7 +754,26 @@ void dequant_any(const InferArgs& a, int64_t n, float* out) {
   }
 }
 
+#if defined(VCON_INFER_AVX512)
+#include "infer_nm_avx512.h"
+#include "infer_q4_avx512.h"
+#endif
+
 void gemv(const InferArgs& a, const float* x, int64_t M, float* y, int64_t n0, int64_t n1, float* buf) {
+#if defined(VCON_INFER_AVX512)
+  if (q4_avx512_applies(a)) {
+    q4_rows_avx512(a, x, M, y, n0, n1, buf);
+    return;
+  }
+  if (q8_avx512_applies(a)) {
+    q8_rows_avx512(a, x, M, y, n0, n1);
+    return;
+  }
+  if (nm24_avx512_applies(a)) {
+    nm24_rows_avx512(a, x, M, y, n0, n1);
+    return;
+  }
+#endif
 #if defined(CPU_CAPABILITY_AVX2)
   if (a.fmt == IF_Q8) {
     quant_rows<8>(a, x, M, y, n0, n1);

@@ -67,8 +67,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("infer_linear", &vcon::infer_linear, release(), "y = x W^T of a finalized (compressed) weight",
         py::arg("x"), py::arg("fmt"), py::arg("a"), py::arg("b"), py::arg("crow"), py::arg("scales"),
         py::arg("rows"), py::arg("bits"), py::arg("qmin"), py::arg("group_size"), py::arg("nm_n"), py::arg("nm_m"),
-        py::arg("index_bits"), py::arg("decode_max_m"));
+        py::arg("index_bits"), py::arg("decode_max_m"), py::arg("bias") = py::none(),
+        py::arg("whole_max_bytes") = 0);
+  m.def("infer_dequantize", &vcon::infer_dequantize, release(),
+        "the dense weight of a finalized storage (what its materialize() returns), in one pass", py::arg("fmt"),
+        py::arg("a"), py::arg("b"), py::arg("crow"), py::arg("scales"), py::arg("rows"), py::arg("cols"),
+        py::arg("bits"), py::arg("qmin"), py::arg("group_size"), py::arg("nm_n"), py::arg("nm_m"),
+        py::arg("index_bits"), py::arg("dtype"));
+  // What the infer bindings offer beyond their first version: 2 = infer_linear's bias and
+  // whole_max_bytes arguments, and infer_dequantize.
+  m.attr("INFER_VERSION") = 2;
   m.def("infer_isa", &vcon::infer_isa, "the ISA of the finalized-layer matmul kernels in use");
+  m.def("infer_isas", &vcon::infer_isas, "the finalized-layer kernel ISAs this build and CPU run");
+  m.def("set_infer_isa", &vcon::set_infer_isa, "force one of infer_isas() or 'auto'", py::arg("name"));
   m.def("isa", &vcon::current_isa, "the ISA of the kernels in use: 'default' or 'avx2'");
   m.def("compiled_isas", &vcon::compiled_isas, "the ISAs compiled into this build");
   m.def("set_isa", &vcon::set_isa, "force 'default' or 'avx2' kernels, or 'auto'", py::arg("name"));

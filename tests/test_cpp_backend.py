@@ -407,8 +407,9 @@ def test_compute_state_uses_radix_select_not_kthvalue(monkeypatch):
 # -- build and packaging --------------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
 def test_avx2_code_stays_in_the_avx2_kernels():
-    """No function outside the AVX2 kernel namespace may contain AVX2 instructions: they
-    would run (and crash) on a CPU without AVX2 before any capability check."""
+    """No function outside the AVX2 / AVX-512 kernel namespaces may contain AVX2 instructions,
+    and none outside the AVX-512 one AVX-512 instructions: they would run (and crash) on a CPU
+    without them before any capability check."""
     if "avx2" not in _C.compiled_isas():
         pytest.skip("no AVX2 kernels in this build")
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__], capture_output=True, text=True,
@@ -417,7 +418,9 @@ def test_avx2_code_stays_in_the_avx2_kernels():
     for line in out.splitlines():
         if line.endswith(">:"):
             current = line.split("<", 1)[1][:-2]
-        elif ("%ymm" in line or "vfmadd" in line) and "isa_avx2" not in current:
+        elif ("%zmm" in line or "%k" in line) and "isa_avx512" not in current:
+            offenders.add(current)
+        elif ("%ymm" in line or "vfmadd" in line) and "isa_avx2" not in current and "isa_avx512" not in current:
             offenders.add(current)
     # kernels_avx2() itself only copies the table out, and is only called after the check.
     offenders.discard("vcon::kernels_avx2()")

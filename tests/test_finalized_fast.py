@@ -25,6 +25,7 @@ from vcon_kernels.compressed import SparseQuantizedWeight
 from vcon_kernels.compressed import SparseWeight
 from vcon_kernels.compressed import matmul
 from vcon_kernels.compressed import module_from_meta
+from vcon_kernels.compressed.storage import storage_from_meta
 from vcon_kernels.spec import TransformSpec
 
 if not matmul.fast_path_available():
@@ -63,8 +64,9 @@ def _storages(rows, cols, dtype):
     """One storage of every format (and the kernel variants: fused int8/int4, generic rest)."""
     gen = torch.Generator().manual_seed(rows * 1000 + cols)
     out = {}
+    int4_32 = [(4, 0), (4, 32)] if cols % 32 == 0 else []  # the AVX-512 int4 GEMV's cases (32k columns)
     for bits, group in [(8, 0), (8, cols), (8, cols // 4), (4, cols), (4, cols // 2), (4, cols // 4), (2, 0),
-                        (2, cols), (1, 0), (1, cols // 4)]:
+                        (2, cols), (1, 0), (1, cols // 4), *int4_32]:
         spec = TransformSpec(bits=bits, group_size=group)
         zeros = 0.3 if bits == 1 and group else 0.0  # binary with exact zeros: the non-zero bit plane
         out[f"q{bits}_g{group}"] = QuantizedWeight(_codes((rows, cols), bits, gen, zeros),
@@ -90,9 +92,12 @@ def _rel_err(y, ref):
     return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("prefill", ["whole", "blocked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rows, cols", [(37, 52), (19, 256)])
-def test_every_format_matches_float64_reference(rows, cols, dtype):
+def test_every_format_matches_float64_reference(rows, cols, dtype, prefill, monkeypatch):
+    # Both prefill paths: the whole weight + torch's addmm (small weights) and the blocks + sgemm.
+    monkeypatch.setattr(matmul, "WHOLE_MAX_BYTES", 1 << 30 if prefill == "whole" else 0)
     gen = torch.Generator().manual_seed(7)
     bias = torch.randn(rows, generator=gen).to(dtype)
     for name, st in _storages(rows, cols, dtype).items():
@@ -104,6 +109,79 @@ def test_every_format_matches_float64_reference(rows, cols, dtype):
             ref = F.linear(x.double(), w64, bias.double())
             assert y.dtype == dtype and y.shape == (m, rows)
             assert _rel_err(y, ref) <= TOL[dtype], (name, m, _rel_err(y, ref))
+
+
+@pytest.fixture(params=matmul._C.infer_isas() if matmul.fast_path_available() else [])
+def infer_isa(request):
+    """Each kernel copy this CPU runs (default, avx2, avx512), not only the one auto picks."""
+    matmul._C.set_infer_isa(request.param)
+    yield request.param
+    matmul._C.set_infer_isa("auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows, cols", [(37, 52), (11, 96), (19, 256)])  # 96: an odd number of 32-column groups
+def test_decode_of_every_isa_matches_float64_reference(rows, cols, dtype, infer_isa):
+    gen = torch.Generator().manual_seed(11)
+    bias = torch.randn(rows, generator=gen).to(dtype)
+    for name, st in _storages(rows, cols, dtype).items():
+        w64 = st.materialize().double()
+        for m in range(1, matmul.DECODE_MAX_M[dtype] + 1):
+            x = torch.randn(m, cols, generator=gen).to(dtype)
+            if m == 1:
+                x[0, : cols // 2] += 3.0  # a large mean: what a qmin * sum(x) shortcut would lose to cancellation
+            y = matmul.compressed_linear(x, st, bias)
+            ref = F.linear(x.double(), w64, bias.double())
+            assert _rel_err(y, ref) <= TOL[dtype], (infer_isa, name, m, _rel_err(y, ref))
+    assert matmul._C.infer_isa() == infer_isa
+
+
+def test_set_infer_isa_rejects_unknown_names():
+    with pytest.raises(RuntimeError, match="isa must be 'auto' or one"):
+        matmul._C.set_infer_isa("sse9")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_whole_weight_prefill_is_f_linear_bit_for_bit(dtype):
+    """Small weights at prefill run F.linear's own addmm on exactly materialize()'s weight."""
+    gen = torch.Generator().manual_seed(3)
+    bias = torch.randn(37, generator=gen).to(dtype)
+    x = torch.randn(2, 20, 52, generator=gen).to(dtype)  # 40 rows: above the GEMV's batch sizes
+    for name, st in _storages(37, 52, dtype).items():
+        with torch.inference_mode():
+            y = matmul.compressed_linear(x, st, bias)
+            assert torch.equal(y, F.linear(x, st.materialize(), bias)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_one_pass_dequantize_is_materialize_bit_for_bit(dtype, infer_isa):
+    for name, st in {**_storages(37, 52, dtype), **_storages(19, 256, dtype)}.items():
+        w = matmul.dense_weight(st)
+        assert w.dtype == dtype and torch.equal(w, st.materialize()), (infer_isa, name)
+
+
+@pytest.mark.parametrize("config", [vk.Quantize(bits=4, granularity="group", group_size=9), vk.Prune(sparsity=0.9),
+                                    vk.Compose(vk.Prune(granularity="nm", n=2, m=4), vk.Quantize(bits=8))],
+                         ids=["int4_g9", "csr_90", "nm_2_4_int8"])
+def test_compressed_conv_uses_the_one_pass_weight(config):
+    layer = vk.convert(nn.Sequential(nn.Conv2d(8, 12, 3, padding=1)), config)[0]  # K = 8 * 3 * 3 = 72
+    layer.set_beta(0.0)
+    final = vk.finalize(nn.Sequential(layer))[0]
+    x = torch.randn(2, 8, 7, 7)
+    with torch.inference_mode():
+        w = final.storage.materialize().view(final.weight_shape)
+        assert torch.equal(final(x), F.conv2d(x, w, final.bias, padding=1))
+
+
+def test_bias_that_needs_a_gradient_gets_one():
+    st = _storages(37, 52, torch.float32)["q4_g13"]
+    layer = vk.compressed.CompressedLinear(st, torch.randn(37))
+    x = torch.randn(12, 52)
+    assert matmul._fast_ok(x, st)  # x wants no gradient: the C++ kernel runs, the bias is added after it
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((37,), 12.0))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, st.materialize(), layer.bias))
 
 
 def test_leading_dims_and_noncontiguous_input():
@@ -129,6 +207,20 @@ def test_kernel_rejects_mismatched_buffers():
     with pytest.raises(RuntimeError, match="codes must be"):
         matmul._C.infer_linear(torch.randn(1, 52), fmt, a[:, :40].contiguous(), b, crow, scales, 37, bits, qmin,
                                group, n, m, ib, 4)
+
+
+@pytest.mark.parametrize("rows, cols", [(37, 52), (19, 256)])
+def test_empty_storages_build_on_meta_with_the_stored_layout(rows, cols):
+    """from_meta builds every format on the meta device (no dense-sized temporary on the CPU while
+    loading) with the buffers a real storage has, and a CPU one loads its state_dict exactly."""
+    for name, st in _storages(rows, cols, torch.float32).items():
+        layout = {k: (tuple(v.shape), v.dtype) for k, v in st.state_dict().items()}
+        on_meta = storage_from_meta(st.meta(), device="meta")
+        assert {k: (tuple(v.shape), v.dtype) for k, v in on_meta.state_dict().items()} == layout, name
+        empty = storage_from_meta(st.meta())
+        assert {k: (tuple(v.shape), v.dtype) for k, v in empty.state_dict().items()} == layout, name
+        empty.load_state_dict(st.state_dict())
+        assert repr(empty) == repr(st) and torch.equal(empty.materialize(), st.materialize()), name
 
 
 def test_csr_load_checks_column_indices():

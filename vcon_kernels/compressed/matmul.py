@@ -4,8 +4,10 @@ On CPU (the C++ extension built, fp32 / bf16 / fp16 activations in the storage's
 gradient wanted, no autocast) a storage's codes go straight to ``_C.infer_linear``:
 
 * decode (at most ``DECODE_MAX_M[dtype]`` rows of x): a GEMV that reads each compressed row once;
-* prefill: the weight dequantized block by block into a reused per-thread workspace, each
-  block through one GEMM (fp32 for fp32/fp16 activations, bf16 for bf16).
+* prefill, weights of at most ``WHOLE_MAX_BYTES`` dequantized: the whole weight dequantized
+  into a reused workspace, then torch's own ``addmm`` (the GEMM and bias of ``F.linear``);
+* prefill, larger weights: dequantized block by block into a reused per-thread workspace,
+  each block through one GEMM (fp32 for fp32/fp16 activations, bf16 for bf16).
 
 Everything else (CUDA, fp64, autocast, autograd, torch.compile, a missing extension) computes
 ``F.linear(x, storage.materialize(), bias)``: the weight rebuilt with the arithmetic of the
@@ -29,12 +31,18 @@ import torch.nn.functional as F
 # so the GEMV only wins for the first rows.
 DECODE_MAX_M = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 2}
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Prefill: weights up to this size once dequantized (fp32 or bf16) are rebuilt whole and run
+# through torch's addmm, exactly F.linear's GEMM; larger ones go block by block, so the
+# workspace (kept by the calling thread across calls) stays bounded. Measured at MiniLM's
+# shapes (M = 4608, K, N in {384, 1536}, bench/profile_prefill.py): blocked, the GEMM alone was
+# 1.02-1.07x nn.Linear on 1 thread and the bias a further pass over y; whole, see INFER_NOTES.md.
+WHOLE_MAX_BYTES = 16 << 20
 
 try:
     from .. import _C
 except ImportError:  # the extension is optional: plain torch computes the same
     _C = None
-if _C is not None and not hasattr(_C, "infer_linear"):  # a build older than these kernels
+if _C is not None and getattr(_C, "INFER_VERSION", 0) < 2:  # a build older than these kernels
     _C = None
 
 
@@ -43,28 +51,52 @@ def fast_path_available() -> bool:
     return _C is not None
 
 
-def _fast_ok(x: torch.Tensor, storage) -> bool:
+def _fast_args(x: torch.Tensor, storage):
+    """The storage's kernel arguments when the C++ kernels take this call, else None."""
     if _C is None or x.device.type != "cpu" or x.dtype not in FAST_DTYPES or x.dtype != storage.dtype:
-        return False
+        return None
     if torch.compiler.is_compiling():  # the graph gets materialize + F.linear (inductor fuses the dequantize)
-        return False
+        return None
     if torch.is_autocast_enabled("cpu"):  # autocast picks the compute dtype: the plain path follows it
-        return False
+        return None
     if torch.is_grad_enabled() and x.requires_grad:  # the kernels have no derivative
-        return False
-    return storage.infer_args() is not None
+        return None
+    return storage.infer_args()
+
+
+def _fast_ok(x: torch.Tensor, storage) -> bool:
+    return _fast_args(x, storage) is not None
+
+
+def dense_weight(storage) -> torch.Tensor:
+    """``storage.materialize()``, in one C++ pass on CPU (``_C.infer_dequantize``) where it applies.
+
+    For the layers that still rebuild their weight per call (``CompressedConv2d``): the same
+    values as ``materialize()`` (bit for bit), without its tensor ops and temporaries.
+    """
+    if (_C is None or storage.dtype not in FAST_DTYPES or torch.compiler.is_compiling()
+            or storage.infer_args() is None):
+        return storage.materialize()
+    fmt, a, b, crow, scales, bits, qmin, group_size, n, m, index_bits = storage.infer_args()
+    if a.device.type != "cpu":
+        return storage.materialize()
+    return _C.infer_dequantize(fmt, a, b, crow, scales, storage.shape[0], storage.shape[1], bits, qmin, group_size,
+                               n, m, index_bits, storage.dtype)
 
 
 def compressed_linear(x: torch.Tensor, storage, bias=None) -> torch.Tensor:
     """``x @ W^T + bias`` for a compressed ``storage`` (any leading dims of ``x``)."""
     if x.shape[-1] != storage.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim, the layer expects {storage.shape[1]}")
-    if not _fast_ok(x, storage):
+    args = _fast_args(x, storage)  # built once per call: at decode each microsecond is ~1% of the layer
+    if args is None:
         return F.linear(x, storage.materialize(), bias)
-    fmt, a, b, crow, scales, bits, qmin, group_size, n, m, index_bits = storage.infer_args()
+    fmt, a, b, crow, scales, bits, qmin, group_size, n, m, index_bits = args
     x2 = x.reshape(-1, storage.shape[1]).contiguous()
+    # The bias goes into the kernel's GEMM (no extra pass over y) unless autograd wants its gradient.
+    late_bias = bias is not None and torch.is_grad_enabled() and bias.requires_grad
     y = _C.infer_linear(x2, fmt, a, b, crow, scales, storage.shape[0], bits, qmin, group_size, n, m, index_bits,
-                        DECODE_MAX_M[x.dtype])
-    if bias is not None:
-        y = y.add_(bias)
+                        DECODE_MAX_M[x.dtype], None if late_bias else bias, WHOLE_MAX_BYTES)
+    if late_bias:
+        y = y + bias
     return y.reshape(*x.shape[:-1], storage.shape[0])

@@ -3,7 +3,8 @@
 * :class:`CompressedLinear`: a compressed weight storage (``storage.py``) plus the bias;
   its matmul (``matmul.py``) runs the C++ compressed kernels on CPU (decode GEMV over the
   codes, blocked dequantize + GEMM for prefill) and rebuilds the weight elsewhere.
-* :class:`CompressedConv2d`: the weight rebuilt at each call, then ``F.conv2d``.
+* :class:`CompressedConv2d`: the weight rebuilt at each call (one C++ pass on CPU,
+  ``matmul.dense_weight``), then ``F.conv2d``.
 * :class:`LowRankLinear` / :class:`LowRankConv2d`: plain ``nn.Sequential`` of two standard
   layers (x -> V -> U), loadable without this package.
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .matmul import compressed_linear
+from .matmul import dense_weight
 from .storage import WeightStorage
 from .storage import storage_from_meta
 
@@ -54,7 +56,12 @@ class CompressedLinear(nn.Module):
 
 
 class CompressedConv2d(nn.Module):
-    """A 2-D convolution whose weight is rebuilt from a compressed storage at each call."""
+    """A 2-D convolution whose weight is rebuilt from a compressed storage at each call.
+
+    The rebuild is O(weights) against the convolution's O(weights x output pixels); at batch 1
+    on small feature maps ``materialize()``'s tensor ops cost 0.1-0.4 of the conv itself, the
+    one-pass C++ dequantize a fraction of that (bench/INFER_NOTES.md).
+    """
 
     def __init__(self, storage: WeightStorage, bias, conv_kwargs: dict):
         super().__init__()
@@ -70,7 +77,7 @@ class CompressedConv2d(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.storage.materialize().view(self.weight_shape)
+        return dense_weight(self.storage).view(self.weight_shape)
 
     def forward(self, x):
         w = self.weight

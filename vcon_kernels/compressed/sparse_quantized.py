@@ -34,6 +34,8 @@ from .storage import IF_CSRQ
 from .storage import IF_NMQ
 from .storage import WeightStorage
 from .storage import _check_csr
+from .storage import _empty_csr
+from .storage import _empty_nm
 from .storage import _row_pointers
 from .storage import _scatter_csr
 from .storage import _scatter_nm
@@ -105,14 +107,15 @@ class NMQuantizedWeight(_QuantizedCodes):
 
     @classmethod
     def from_meta(cls, meta, device=None):
+        # Buffers at their stored sizes (no dense (N, K) codes or mask; works on the meta device).
         rows, cols = meta["shape"]
         n, m = meta["n"], meta["m"]
         spec = TransformSpec(bits=meta["bits"], group_size=meta["group_size"])
-        keep = torch.zeros(rows, cols // m, m, dtype=torch.bool, device=device)
-        keep[..., :n] = True
-        codes = torch.zeros(rows, cols, dtype=torch.int8, device=device)
-        scales = torch.empty(spec.scales_shape(rows, cols), dtype=torch.float32, device=device)
-        return cls(codes, keep.reshape(rows, cols), n, m, scales, spec, _DTYPES[meta["dtype"]])
+        storage = cls.__new__(cls)
+        WeightStorage.__init__(storage, (rows, cols), _DTYPES[meta["dtype"]])
+        _empty_nm(storage, "codes", torch.zeros(rows, cols // m * n, dtype=torch.int8, device=device), n, m)
+        storage._init_quant(torch.zeros(spec.scales_shape(rows, cols), dtype=torch.float32, device=device), spec)
+        return storage
 
     def extra_repr(self):
         return f"{super().extra_repr()}, n={self.n}, m={self.m}"
@@ -153,10 +156,11 @@ class SparseQuantizedWeight(_QuantizedCodes):
 
     @classmethod
     def from_meta(cls, meta, device=None):
+        # Buffers at their stored sizes (no dense (N, K) codes or mask; works on the meta device).
         rows, cols = meta["shape"]
         spec = TransformSpec(bits=meta["bits"], group_size=meta["group_size"])
-        keep = torch.zeros(rows * cols, dtype=torch.bool, device=device)
-        keep[: meta["nnz"]] = True
-        codes = torch.zeros(rows, cols, dtype=torch.int8, device=device)
-        scales = torch.empty(spec.scales_shape(rows, cols), dtype=torch.float32, device=device)
-        return cls(codes, keep.view(rows, cols), scales, spec, _DTYPES[meta["dtype"]])
+        storage = cls.__new__(cls)
+        WeightStorage.__init__(storage, (rows, cols), _DTYPES[meta["dtype"]])
+        _empty_csr(storage, "codes", torch.zeros(meta["nnz"], dtype=torch.int8, device=device), cols)
+        storage._init_quant(torch.zeros(spec.scales_shape(rows, cols), dtype=torch.float32, device=device), spec)
+        return storage

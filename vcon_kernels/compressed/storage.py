@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import torch_transforms as transforms
 from ..packing import pack_uint
+from ..packing import packed_length
 from ..packing import unpack_uint
 from ..spec import TransformSpec
 
@@ -63,6 +64,36 @@ def _check_csr(storage, incompatible_keys=None) -> None:
             raise ValueError(f"{type(storage).__name__}: col_indices must lie in [0, {cols})")
         if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow.diff() < 0).any()):
             raise ValueError(f"{type(storage).__name__}: crow_indices must rise from 0 to nnz = {nnz}")
+
+
+def _csr_index_dtype(cols: int) -> torch.dtype:
+    return torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def _empty_csr(storage, values_name: str, values: torch.Tensor, cols: int) -> None:
+    """Register CSR buffers for ``from_meta`` without a dense (N, K) temporary: ``values`` (nnz)
+    and a consistent stand-in structure (rows filled in order, as a mask with its first nnz
+    entries set would give), built in O(nnz + N); works on the meta device."""
+    rows = storage.shape[0]
+    nnz, device = values.numel(), values.device
+    storage.register_buffer(values_name, values)
+    storage.register_buffer("col_indices", (torch.arange(nnz, device=device) % cols).to(_csr_index_dtype(cols)))
+    storage.register_buffer("crow_indices", (torch.arange(rows + 1, device=device) * cols).clamp_(max=nnz))
+    storage.register_load_state_dict_post_hook(_check_csr)
+
+
+def _nm_index_bits(m: int) -> int:
+    return next(b for b in (1, 2, 4, 8) if (1 << b) >= m)
+
+
+def _empty_nm(storage, values_name: str, values: torch.Tensor, n: int, m: int) -> None:
+    """Register N:M buffers for ``from_meta``: ``values`` (N, K n/m) and zero in-group positions
+    (a stand-in until loaded), no dense (N, K) temporary; works on the meta device."""
+    storage.n, storage.m = n, m
+    storage.index_bits = _nm_index_bits(m)
+    storage.register_buffer(values_name, values)
+    width = packed_length(values.shape[1], storage.index_bits)
+    storage.register_buffer("indices", torch.zeros(values.shape[0], width, dtype=torch.uint8, device=values.device))
 
 
 def _scatter_csr(storage, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -189,15 +220,23 @@ class QuantizedWeight(WeightStorage):
 
     @classmethod
     def from_meta(cls, meta, device=None):
+        # The buffers at their stored sizes, zero-filled: no (N, K) int8 codes to pack (binary's
+        # constructor also tests values, which the meta device cannot).
         rows, cols = meta["shape"]
-        spec = TransformSpec(bits=meta["bits"], group_size=meta["group_size"])
-        codes = torch.zeros(rows, cols, dtype=torch.int8, device=device)
-        if meta.get("has_nonzero"):
-            codes[0, 0] = 0
-        else:
-            codes.fill_(1)
-        scales = torch.empty(spec.scales_shape(rows, cols), dtype=torch.float32, device=device)
-        return cls(codes, scales, spec, _DTYPES[meta["dtype"]])
+        bits = meta["bits"]
+        spec = TransformSpec(bits=bits, group_size=meta["group_size"])
+        storage = cls.__new__(cls)
+        WeightStorage.__init__(storage, (rows, cols), _DTYPES[meta["dtype"]])
+        storage.bits, storage.group_size = bits, spec.group_size
+        width = cols if bits == 8 else packed_length(cols, bits)
+        storage.register_buffer("codes", torch.zeros(rows, width, dtype=torch.int8 if bits == 8 else torch.uint8,
+                                                     device=device))
+        if bits == 1:
+            nonzero = torch.zeros(rows, width, dtype=torch.uint8, device=device) if meta.get("has_nonzero") else None
+            storage.register_buffer("nonzero", nonzero)
+        storage.register_buffer("scales", torch.zeros(spec.scales_shape(rows, cols), dtype=torch.float32,
+                                                      device=device))
+        return storage
 
     def extra_repr(self):
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
@@ -212,9 +251,8 @@ class SparseWeight(WeightStorage):
     def __init__(self, weight: torch.Tensor, keep: torch.Tensor):
         super().__init__(weight.shape, weight.dtype)
         rows, cols = weight.shape
-        index_dtype = torch.int16 if cols <= torch.iinfo(torch.int16).max else torch.int32
         self.register_buffer("values", weight.detach()[keep].clone())
-        self.register_buffer("col_indices", keep.nonzero()[:, 1].to(index_dtype))
+        self.register_buffer("col_indices", keep.nonzero()[:, 1].to(_csr_index_dtype(cols)))
         self.register_buffer("crow_indices", _row_pointers(keep))
         self.register_load_state_dict_post_hook(_check_csr)
 
@@ -230,9 +268,11 @@ class SparseWeight(WeightStorage):
     @classmethod
     def from_meta(cls, meta, device=None):
         rows, cols = meta["shape"]
-        keep = torch.zeros(rows * cols, dtype=torch.bool, device=device)
-        keep[: meta["nnz"]] = True
-        return cls(torch.zeros(rows, cols, dtype=_DTYPES[meta["dtype"]], device=device), keep.view(rows, cols))
+        dtype = _DTYPES[meta["dtype"]]
+        storage = cls.__new__(cls)
+        WeightStorage.__init__(storage, (rows, cols), dtype)
+        _empty_csr(storage, "values", torch.zeros(meta["nnz"], dtype=dtype, device=device), cols)
+        return storage
 
     @staticmethod
     def nbytes_estimate(shape, nnz: int, element_size: int) -> int:
@@ -250,7 +290,7 @@ class NMSparseWeight(WeightStorage):
         super().__init__(weight.shape, weight.dtype)
         rows, cols = weight.shape
         self.n, self.m = n, m
-        self.index_bits = next(b for b in (1, 2, 4, 8) if (1 << b) >= m)
+        self.index_bits = _nm_index_bits(m)
         groups = keep.reshape(rows, cols // m, m)
         # Positions of the kept entries inside each group, in increasing order.
         positions = torch.sort(torch.where(groups, torch.arange(m, device=keep.device), m), dim=-1).values[..., :n]
@@ -271,9 +311,11 @@ class NMSparseWeight(WeightStorage):
     def from_meta(cls, meta, device=None):
         rows, cols = meta["shape"]
         n, m = meta["n"], meta["m"]
-        keep = torch.zeros(rows, cols // m, m, dtype=torch.bool, device=device)
-        keep[..., :n] = True
-        return cls(torch.zeros(rows, cols, dtype=_DTYPES[meta["dtype"]], device=device), keep.reshape(rows, cols), n, m)
+        dtype = _DTYPES[meta["dtype"]]
+        storage = cls.__new__(cls)
+        WeightStorage.__init__(storage, (rows, cols), dtype)
+        _empty_nm(storage, "values", torch.zeros(rows, cols // m * n, dtype=dtype, device=device), n, m)
+        return storage
 
     def extra_repr(self):
         return f"{super().extra_repr()}, n={self.n}, m={self.m}"

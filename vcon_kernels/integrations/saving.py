@@ -23,8 +23,8 @@ dense weights are never allocated nor initialized; each module named in the JSON
 swapped for an empty module of the recorded format and every tensor is loaded with
 ``load_state_dict(strict=True, assign=True)``. Nothing is re-derived from dense weights
 (no SVD, thresholds or re-quantization), and a file that does not match the architecture
-is an error. (Empty CSR and binary storages are built on the CPU, one layer at a time,
-because their constructors inspect values; everything else stays on meta until loaded.)
+is an error. (Every storage format builds its empty buffers on meta; a module that
+cannot is built on the CPU, one layer at a time.)
 
 Example usage::
 
