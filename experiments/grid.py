@@ -50,6 +50,9 @@ def parse():
     p.add_argument("--clip", type=float, default=None, help="override the preset gradient clipping (0 = none)")
     p.add_argument("--val-only", action="store_true",
                    help="score the validation split only (for choices); default: the test split only")
+    p.add_argument("--both-splits", action="store_true",
+                   help="score the validation and the test split at the end of each run (validation for reading "
+                   "the runs, test for the final rows; nothing is chosen on the test split)")
     p.add_argument("--from", dest="start", default="finetuned", choices=("finetuned", "pretrained"),
                    help="finetuned: compress the cached fine-tuned dense model; pretrained: the paper's protocol "
                    "(compress the pretrained model while it learns the task; method 'dense' = the same start "
@@ -94,7 +97,9 @@ def main():
     if os.path.exists(args.out):
         with open(args.out) as f:
             done = {json.loads(line)["key"] for line in f if line.strip()}
-    splits = ("val",) if args.val_only else ("test",)
+    if args.val_only and args.both_splits:
+        raise SystemExit("--val-only and --both-splits exclude each other")
+    splits = ("val",) if args.val_only else ("val", "test") if args.both_splits else ("test",)
     # Seeds outermost: a grid stopped early still has every compression for the seeds it finished.
     for seed in [int(s) for s in args.seeds.split(",")]:
         for name in args.compressions.split(","):
