@@ -69,9 +69,11 @@ define DEMO_WHY
 demo setting: prune 90%, fine-tune the dense model first, then one-shot / gradual / VCON at 60 steps each.
   Why not the paper's protocol (vcon compress --from pretrained): at this 60-step budget it was measured to
   leave both compressed models at the majority class (test 58.8 one-shot and 58.8 VCON, dense 75.9; seed 0,
-  lr 1e-4), which shows nothing; with 250 steps VCON was ahead of one-shot on validation in 2/2 seeds
-  (+1.6, +1.8 points), too long for this demo. Run it with: make demo DEMO_ARGS="--from pretrained --lr 1e-4
-  --transition 0.2 --steps 250".
+  lr 1e-4), which shows nothing. At 250 steps (3 seeds, full splits, 2026-12-06) it ties one-shot for
+  prune 90% (test +0.14 +- 0.53 points, 1/3 seeds) and leads it for binary (test +0.98 +- 0.32, 3/3), both
+  6-7 points below dense: too long for this demo (4-10 minutes per run here). Run it (on the demo's
+  subsets) with: make demo DEMO_ARGS="--from pretrained --lr 1e-4 --transition 0.2 --steps 250", for
+  binary add --method quantize --bits 1 --quant-granularity tensor; the 3-seed grid: experiments/RESULTS.md.
   Small on purpose (60 steps, 3000 training sentences, one seed): a fresh clone took 10.5 minutes on 2 CPU
   cores, install included (4m56 + 5m37, 2026-11-28), at the edge of the 10-minute target; one seed of 60
   steps is noise-level.
