@@ -69,37 +69,33 @@ def available() -> dict:
     return {n: True if _load(n) is not None else _load_errors.get(n, "unavailable") for n in BACKEND_NAMES}
 
 
-def forced() -> str | None:
-    override = getattr(_local, "override", None)
-    if override is not None:
-        return override
-    env = os.environ.get("VCON_BACKEND")
-    if env:
-        _check_name(env)
-        return env
-    return None
-
-
 # os.environ's own dict (encoded keys): a lookup there costs ~0.1 us against ~1 us for
 # os.environ.get, which matters on the per-call path of small layers (cpu_linear_node).
 _ENVIRON = getattr(os.environ, "_data", None)
 _ENV_KEY = os.environ.encodekey("VCON_BACKEND") if hasattr(os.environ, "encodekey") else None
 
 
-def _cpu_backend_name() -> str:
-    """The name of the backend that ``select("cpu")`` returns, without building the instance."""
-    name = getattr(_local, "override", None)
-    if name is not None:
-        return name
+def _env_backend() -> str | None:
     if _ENVIRON is not None and _ENV_KEY is not None:
         raw = _ENVIRON.get(_ENV_KEY)
-        env = os.environ.decodevalue(raw) if raw else None
-    else:
-        env = os.environ.get("VCON_BACKEND")
+        return os.environ.decodevalue(raw) if raw else None
+    return os.environ.get("VCON_BACKEND")
+
+
+def forced() -> str | None:
+    override = getattr(_local, "override", None)
+    if override is not None:
+        return override
+    env = _env_backend()
     if env:
         _check_name(env)
         return env
-    return "cpp" if _load("cpp") is not None else "torch"
+    return None
+
+
+def _cpu_backend_name() -> str:
+    """The name of the backend that ``select("cpu")`` returns, without building the instance."""
+    return forced() or ("cpp" if _load("cpp") is not None else "torch")
 
 
 def cpu_linear_node():
