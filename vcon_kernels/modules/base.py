@@ -190,14 +190,17 @@ class VCONLayerBase(nn.Module):
             known = self._beta_host = (beta, beta._version, not bool(beta.any()))
         return known[2]
 
+    _CALL_CACHES = ("_spec_cache", "_vcon_state_cache", "_beta_host")
+
     def _drop_call_caches(self) -> None:
-        self._spec_cache = self._vcon_state_cache = self._beta_host = None
+        for name in self._CALL_CACHES:
+            setattr(self, name, None)
 
     def __getstate__(self):
         # copy.deepcopy / pickle (EMA copies, Trainer, torch.save of the module): the per-call caches
         # are not part of the layer; the native spec in _spec_cache cannot even be pickled.
         state = dict(super().__getstate__())
-        for name in ("_spec_cache", "_vcon_state_cache", "_beta_host"):
+        for name in self._CALL_CACHES:
             state.pop(name, None)
         return state
 
