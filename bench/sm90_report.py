@@ -53,7 +53,7 @@ NOTES = [
     "", "## Swap-AB: the transformed W tile as the left operand of `tl.dot`", "",
     "The transform GEMMs compute their output tile transposed, `out^T = W_eff-tile . x^T` (`ops/vcon_matmul.py`), so",
     "the transformed tile is wgmma's A operand, which sm_90 takes from registers (B only from shared memory).",
-    "What the compiler makes of it:", "",
+    "What the compiler makes of it (the instruction counts quoted in these notes are Triton 3.7.1's):", "",
     "* MMAs stay in flight during the next tile's transform. Triton 3.7.1 splits each K step's dot into 2 wgmma of",
     "  K = 32, each followed by `wait(1)`; Triton 3.6.0 into 4 of K = 16 with `wait(3)` (`wgmma wait` column; the",
     "  `wait(0)` after the loop is not counted). Before: one wgmma from shared memory per K step and `wait(0)`.",
@@ -207,8 +207,8 @@ def before_after(rows, before_rows, label) -> list:
     """Markdown lines: registers / spills / SASS per element of each row against an earlier run's CSV."""
     old = {(r["mode"], r["gemm"], r["config"]): r for r in before_rows}
     lines = ["", f"## Before -> after ({label})", "",
-             "(`(new)` / `(gone)`: a config only this run / only the earlier run compiled. Reports written before",
-             "`wgmma wait` counted only the K loops listed every wait of the kernel: an earlier `0/1` there is a",
+             "(`(new)` / `(gone)`: a config only this run / only the earlier run compiled. Until this report counted",
+             "the waits of the K loops only, `wgmma wait` listed every wait of the kernel: an earlier `0/1` is a",
              "loop `1` plus the drain after the loop.)", "",
              "| mode | GEMM | config | regs | spill B | cp.async | wgmma wait | SASS/elem | per 128 rows |",
              "|---|---|---|---|---|---|---|---|---|"]
