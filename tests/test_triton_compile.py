@@ -60,5 +60,5 @@ def test_rotation_covers_every_job_and_every_kernel():
                  "PRUNE=2,QUANT=0", "PRUNE=0,QUANT=1", "PRUNE=1,QUANT=1", "PRUNE=2,QUANT=1", "SCALE_BY_BETA=True",
                  "PER_ROW=True", "PER_ROW=False", "INPUT_PRECISION=ieee", "stored_mask=1", "binary=1",
                  "scale_grouped=1", "do_rowsum=1", "stride_bk=1", "M=1", "/odd)", "/decode)", "/tokens)",
-                 "[default]", "[BM128xBN256xBK64_w8s3]", "[BM16xBN128xBK64_w4s4]"):
+                 "[default]", "[BM256xBN128xBK64_w8s3]", "[BM16xBN128xBK64_w4s4]"):
         assert flag in text, flag

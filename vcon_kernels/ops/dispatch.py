@@ -42,6 +42,11 @@ STRATEGIES = ("fused", "weff")
 #   ~4.3 TB/s) whatever M is: ~1.04-1.09x cuBLAS at M = 8192, ~1.5-2x dense at M = 512;
 # * at decode sizes (M <= 32, BLOCK_M 16-32 tiles on mma.sync) the GEMM is bound by reading W once,
 #   the transform hides under that read and fused saves the W_eff round trip: fused is ahead there.
+# * with swap-AB (one wgmma in flight during the transform) and 256-token tiles the compiler shows
+#   11.5 (prune) / 14.6 (binary) / 23 (int8) instructions per element at BLOCK_M 256: transform / MMA
+#   ~0.5 / 0.7 / 1.1, so fused would be ~1.1-2x cuBLAS at M = 8192 where they overlap, still behind
+#   "weff" there, and at best level with it at M = 512 (prune, binary): not enough to move the line
+#   without a measurement.
 # So fused only up to M = 32, for every mode; bench/bench_gpu.py measures the crossover to put here.
 FUSED_MAX_M = {"transform": 32, "lowrank": 32}
 _local = threading.local()

@@ -37,10 +37,10 @@ The math, in fp32 as the torch backend: ``W1 = where(M, W, beta_p W)``,
 ``W_eff = beta_q W1 + (1 - beta_q) Q(W1)``; exact-gradient coefficient
 ``where(M, 1, beta_p) * (beta_q + (1 - beta_q) R)`` with ``R = qmin <= rne(W1 / s') <= qmax``.
 The quotient ``W1 / s'`` is the IEEE round-to-nearest one, as in torch, so the rounding
-decisions are the same as the torch backend's, bit for bit: ``tl.math.div_rn`` where the scale
-varies per element (per-group scales, the elementwise kernels), and in the GEMM main loops, for
-per-tensor / per-channel scales, one reciprocal per W row plus two exact FMA corrections per
-element (:func:`div_by_scale`: 6 instructions instead of div_rn's ~14 with its slow-path call).
+decisions are the same as the torch backend's, bit for bit: ``tl.math.div_rn`` in the elementwise
+kernels, and in the GEMM main loops one reciprocal per W row (per-tensor / per-channel scales) or
+per group (read beside the scale, :func:`group_recip`) plus two exact FMA corrections per element
+(:func:`div_by_scale`: 6 instructions instead of div_rn's ~14 with its slow-path call).
 """
 
 from __future__ import annotations
@@ -223,6 +223,17 @@ def row_scale(scale_ptr, scale_row_stride, rows, rows_ok, rcp_ptr=None, LOAD_RCP
 
 
 @triton.jit
+def group_recip(rcp_ptr, s, scale_row_stride, group_size, wr, wc, valid):
+    """:func:`row_scale`'s ``(lift, r)`` for per-group scales ``s`` (the full-tile gather of
+    :func:`load_row_state`): ``r`` is read from ``rcp_ptr`` (:func:`scale_reciprocals_kernel`, laid out
+    as the scales) with the same gather, so the GEMM main loops take no division per element for
+    per-group scales either."""
+    r = tl.load(rcp_ptr + wr.to(tl.int64) * scale_row_stride + wc // group_size, mask=valid, other=1.0)
+    lift = tl.where(tl.where(s > 0, s, 1.0) < 7.888609052210118e-31, 1.8446744073709552e19, 1.0)
+    return lift, r
+
+
+@triton.jit
 def scale_reciprocals_kernel(scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """``out[i] = RN(1 / (s'_i lift_i))`` (:func:`row_scale`) for a contiguous scale tensor."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -269,21 +280,37 @@ def quant_codes(w1, s, binary, lift=1.0, r=1.0, RECIP: tl.constexpr = False):
 
 
 @triton.jit
+def load_beta(beta_ptr, i: tl.constexpr, w, BETA_AXIS: tl.constexpr):
+    """``beta_ptr[i]``: a scalar, or (``BETA_AXIS`` 0 / 1) the same value loaded as a vector along that axis of
+    the tile ``w``. In the GEMM main loops a scalar broadcast into the tile keeps Triton from moving the
+    transform into wgmma's register-operand layout (its OptimizeDotOperands hoisting takes only loads and
+    constants into the chain); a vector load does not (bench/SM90.md)."""
+    if BETA_AXIS == 0:
+        out = tl.load(beta_ptr + i + tl.zeros((w.shape[0], 1), tl.int32))
+    elif BETA_AXIS == 1:
+        out = tl.load(beta_ptr + i + tl.zeros((1, w.shape[1]), tl.int32))
+    else:
+        out = tl.load(beta_ptr + i)
+    return out
+
+
+@triton.jit
 def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr, mask_ptr, mask_stride,
                    stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
                    PRUNE, QUANT, COEF: tl.constexpr, NM_AXIS: tl.constexpr, NM_GROUP: tl.constexpr = 0,
-                   NM_KEEP: tl.constexpr = 0, lift=1.0, r=1.0, RECIP: tl.constexpr = False):
+                   NM_KEEP: tl.constexpr = 0, lift=1.0, r=1.0, RECIP: tl.constexpr = False,
+                   BETA_AXIS: tl.constexpr = -1):
     """W_eff of the tile (``COEF=False``) or the exact-gradient coefficient dW_eff/dW (``COEF=True``), fp32.
 
     ``t`` / ``s``: threshold and scale from :func:`load_row_state`; ``RECIP``: ``lift`` / ``r`` from
-    :func:`row_scale` (no division per element). ``PRUNE`` / ``QUANT`` are
+    :func:`row_scale` (no division per element); ``BETA_AXIS``: see :func:`load_beta`. ``PRUNE`` / ``QUANT`` are
     constexprs in the GEMM main loops (one lean variant per mode) and runtime values in the
     elementwise kernels and the dW epilogue (one variant for all modes; the branches are uniform).
     """
     w1 = w
     coef = tl.full(w.shape, 1.0, tl.float32)
     if PRUNE != 0:
-        bp = tl.load(beta_ptr)
+        bp = load_beta(beta_ptr, 0, w, BETA_AXIS)
         keep = keep_tile(tl.abs(w), t, wr, wc, valid, w_ptr, stride_wr, stride_wc, mask_ptr, mask_stride,
                          stored_mask, nm_n, nm_m, nm_in_tile, PRUNE, NM_AXIS, NM_GROUP, NM_KEEP)
         w1 = tl.where(keep, w, bp * w)
@@ -291,9 +318,9 @@ def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr
             coef = tl.where(keep, 1.0, bp)
     if QUANT != 0:
         if PRUNE != 0:
-            bq = tl.load(beta_ptr + 1)
+            bq = load_beta(beta_ptr, 1, w, BETA_AXIS)
         else:
-            bq = tl.load(beta_ptr)
+            bq = load_beta(beta_ptr, 0, w, BETA_AXIS)
         codes = quant_codes(w1, s, binary, lift, r, RECIP)
         if COEF:
             if binary == 0:  # binary passes the gradient straight through: no factor at all

@@ -7,7 +7,10 @@ fp32 accumulation. What makes it a VCON kernel:
   ``y = x W_eff^T``) or ``W`` (``2``, the input gradient ``dX = dY W_eff``). Each B tile
   is loaded once per K step and turned into its W_eff tile in registers (threshold /
   N:M / stored mask, fake quant, prune-then-quant; ``transform.py``) right before
-  ``tl.dot``; W_eff never exists in memory.
+  ``tl.dot``; W_eff never exists in memory. These GEMMs compute the output tile transposed
+  (swap-AB: ``out^T = W_eff-tile . x^T``): the transformed tile is the left operand, which
+  sm_90's wgmma reads from registers, and one MMA stays in flight while the next tile is
+  transformed (``bench/SM90.md``).
 * ``LOWRANK``: after the main K loop the accumulator is scaled by beta and a second,
   thin reduction ``A2 @ B2`` (A2 = ``(1 - beta) x V^T`` and B2 = ``U^T`` in the forward;
   A2 = ``(1 - beta) dY U`` and B2 = ``V`` for dX) is added into the same tile: the
@@ -34,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .safe_autotune import safe_autotune
+from .transform import group_recip
 from .transform import load_row_state
 from .transform import row_state
 from .transform import scale_reciprocals_kernel
@@ -54,8 +58,11 @@ EPI_NONE, EPI_BETA, EPI_ONE_MINUS_BETA, EPI_EXACT_COEF = 0, 1, 2, 3
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Largest first: the fused path runs for
 # small and medium M (decode, fine-tuning micro-batches), the last two rows are for M <= 32.
+# 256 x 128, not 128 x 256: with swap-AB BLOCK_N is wgmma's M side, where 256 W rows spilled and
+# converted the tile with scalar-width stores; 256 tokens also amortize each W tile's transform
+# over twice the rows (bench/SM90.md).
 GPU_CONFIGS = [
-    (128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+    (256, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4), (16, 128, 64, 4, 4),
 ]
 def _tuned_rows() -> list:
@@ -140,67 +147,95 @@ def _vcon_matmul_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
     TRANSFORM: tl.constexpr = (B_IS_W != 0) and (PRUNE != 0 or QUANT != 0)
-    # The tile axis that runs along W's columns (N:M group mates can come from registers).
-    NM_AXIS_B: tl.constexpr = 0 if B_IS_W == 1 else 1
 
-    # Per-tensor / per-channel scales: one reciprocal per W row, no division per element
-    # (transform.div_by_scale); per-group scales keep the IEEE division (a scale per element).
-    RECIP: tl.constexpr = TRANSFORM and not scale_grouped
-    if RECIP and B_IS_W == 1:
-        # forward: the W rows are this program's offs_n at every K step; their threshold, scale and
-        # reciprocal are loaded and computed once, before the loop
-        t_n, s_n, lift_n, r_n = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, offs_n[None, :],
-                                          n_ok[None, :], PRUNE, QUANT)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    # Bias and scalar epilogues are runtime flags (uniform branches after the K loop).
-    rowsum_here = pid_n == 0
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if do_rowsum:  # a constexpr: no A tile in registers unless row sums are wanted
-            if rowsum_here:
-                row_sum += tl.sum(a.to(tl.float32), axis=1)
-        if TRANSFORM:
-            valid = k_ok[:, None] & n_ok[None, :]
-            if B_IS_W == 1:  # b[k, n] = W[n, k]: W rows run along the tile's axis 1
-                wr = tl.broadcast_to(offs_n[None, :], (BLOCK_K, BLOCK_N))
-                wc = tl.broadcast_to(kk[:, None], (BLOCK_K, BLOCK_N))
+    if TRANSFORM:
+        # Swap-AB: the output tile is computed transposed, out^T = W_eff-tile . x^T, so that the
+        # transformed W tile is the LEFT operand of tl.dot. On sm_90 wgmma reads its left operand
+        # from registers (the right one only from shared memory), and one MMA stays in flight while
+        # the next tile is transformed. Prune and binary load the tile straight into wgmma's register
+        # layout; int8 and N:M still convert it through shared memory once (bench/SM90.md says why).
+        # bt[n, k] = b[k, n].
+        bt_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :] * stride_bk
+        # The tile axis that runs along W's columns (N:M group mates from registers): k in the
+        # forward (bt[n, k] = W[n, k]), n for dX (bt[n, k] = W[k, n]).
+        NM_AXIS_B: tl.constexpr = 1 if B_IS_W == 1 else 0
+        # No division per element (transform.div_by_scale): per-tensor / per-channel scales take one
+        # reciprocal per W row, per-group scales read theirs (precomputed by the launcher) beside the scale.
+        RECIP: tl.constexpr = not scale_grouped
+        GROUP_RECIP: tl.constexpr = scale_grouped and QUANT != 0 and binary == 0
+        if RECIP and B_IS_W == 1:
+            # forward: the W rows are this program's offs_n at every K step; their threshold, scale
+            # and reciprocal are loaded and computed once, before the loop
+            t_n, s_n, lift_n, r_n = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, offs_n[:, None],
+                                              n_ok[:, None], PRUNE, QUANT)
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < K
+            valid = n_ok[:, None] & k_ok[None, :]
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            bt = tl.load(bt_ptrs, mask=valid, other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+            if B_IS_W == 1:  # bt[n, k] = W[n, k]: W rows run along the tile's axis 0
+                wr = tl.broadcast_to(offs_n[:, None], (BLOCK_N, BLOCK_K))
+                wc = tl.broadcast_to(kk[None, :], (BLOCK_N, BLOCK_K))
                 if RECIP:
                     t, s, lift, r = t_n, s_n, lift_n, r_n
                 else:
                     t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
-                                          scale_grouped, offs_n[None, :], n_ok[None, :], wr, wc, valid, PRUNE, QUANT)
-                    lift = s
-                    r = s
-            else:  # b[k, n] = W[k, n]
-                wr = tl.broadcast_to(kk[:, None], (BLOCK_K, BLOCK_N))
-                wc = tl.broadcast_to(offs_n[None, :], (BLOCK_K, BLOCK_N))
+                                          scale_grouped, offs_n[:, None], n_ok[:, None], wr, wc, valid, PRUNE, QUANT)
+                    if GROUP_RECIP:
+                        lift, r = group_recip(rcp_ptr, s, scale_row_stride, group_size, wr, wc, valid)
+                    else:
+                        lift = s
+                        r = s
+            else:  # bt[n, k] = W[k, n]: W rows run along axis 1
+                wr = tl.broadcast_to(kk[None, :], (BLOCK_N, BLOCK_K))
+                wc = tl.broadcast_to(offs_n[:, None], (BLOCK_N, BLOCK_K))
                 if RECIP:
                     # the W rows change every K step: their scales' reciprocals are read, precomputed
                     # once per call by the launcher (a division per row and step spilled at 128x256)
-                    t, s, lift, r = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, kk[:, None],
-                                              k_ok[:, None], PRUNE, QUANT, rcp_ptr, QUANT != 0 and binary == 0)
+                    t, s, lift, r = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, kk[None, :],
+                                              k_ok[None, :], PRUNE, QUANT, rcp_ptr, QUANT != 0 and binary == 0)
                 else:
                     t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
-                                          scale_grouped, kk[:, None], k_ok[:, None], wr, wc, valid, PRUNE, QUANT)
-                    lift = s
-                    r = s
-            w_eff = transform_tile(b.to(tl.float32), t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr,
+                                          scale_grouped, kk[None, :], k_ok[None, :], wr, wc, valid, PRUNE, QUANT)
+                    if GROUP_RECIP:
+                        lift, r = group_recip(rcp_ptr, s, scale_row_stride, group_size, wr, wc, valid)
+                    else:
+                        lift = s
+                        r = s
+            w_eff = transform_tile(bt.to(tl.float32), t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr,
                                    mask_ptr, mask_stride, stored_mask, nm_n, nm_m, 0, binary, qmin, qmax,
-                                   PRUNE, QUANT, False, NM_AXIS_B, NM_GROUP, NM_KEEP, lift, r, RECIP)
-            b = as_operand(w_eff, b_ptr.dtype.element_ty, UPCAST)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+                                   PRUNE, QUANT, False, NM_AXIS_B, NM_GROUP, NM_KEEP, lift, r, RECIP or GROUP_RECIP,
+                                   0)  # beta as a vector: a scalar broadcast keeps the tile out of wgmma's layout
+            acc_t = tl.dot(as_operand(w_eff, b_ptr.dtype.element_ty, UPCAST), tl.trans(a), acc_t,
+                           input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            bt_ptrs += BLOCK_K * stride_bk
+        acc = tl.trans(acc_t)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # (no row sums in transform GEMMs)
+        rowsum_here = False
+    else:
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        rowsum_here = pid_n == 0
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + offs_k) < K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if do_rowsum:  # a constexpr: no A tile in registers unless row sums are wanted
+                if rowsum_here:
+                    row_sum += tl.sum(a.to(tl.float32), axis=1)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
     if LOWRANK:
         # y = beta (x W^T) + ((1 - beta) t) U^T: the second reduction lands in the same tile.
@@ -370,10 +405,11 @@ def vcon_matmul(
     # registers (transform.nm_keep_reshaped); otherwise the group mates are read from memory.
     in_tile = args["prune_kind"] == 2 and nm_in_tile(args["nm_m"], min_tile())
     args.update(NM_GROUP=args["nm_m"] if in_tile else 0, NM_KEEP=args["nm_n"] if in_tile else 0)
-    # dX of an integer-quantized weight with per-tensor / per-channel scales reads the reciprocals of
-    # its row scales (transform.row_scale); the forward computes them itself, once per program
+    # An integer-quantized transform GEMM reads the reciprocals of its scales (transform.row_scale):
+    # dX (its W rows change every K step) and per-group scales in both orientations; the forward
+    # with per-tensor / per-channel scales computes them itself, once per program.
     args["rcp_ptr"] = d
-    if b_is_w == B_IS_W and args["QUANT"] and not args["scale_grouped"] and not args["binary"]:
+    if b_is_w != B_PLAIN and args["QUANT"] and not args["binary"] and (b_is_w == B_IS_W or args["scale_grouped"]):
         args["rcp_ptr"] = scale_reciprocals(args["scale_ptr"])
     if AUTOTUNE:
         def grid(meta):
