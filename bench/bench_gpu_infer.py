@@ -6,7 +6,9 @@ For every storage format a finalized ``CompressedLinear`` can have, K = N = 4096
 * ``dense``: ``nn.Linear`` (cuBLAS) with the rebuilt weight;
 * ``finalized``: ``CompressedLinear.forward`` (the Triton dequantizing GEMM ``ops/dequant_matmul.py``
   for quantized / binary / N:M formats; CSR rebuilds the weight);
-* ``materialize``: ``F.linear(x, storage.materialize(), bias)``, the path the kernel replaced.
+* ``materialize``: ``F.linear(x, storage.materialize(), bias)``, the path the kernel replaced;
+* ``fused`` / ``onepass``: the kernel path's two strategies whatever ``dequant_matmul.DENSE_MIN_M``
+  picks (the fused GEMM; one-pass dequantize + cuBLAS), to place that threshold from data.
 
 Timing: CUDA events around a batch of calls that cycle over enough copies of the layer to
 exceed the L2 cache (each call reads its weight from HBM, as in a model), median of the
@@ -47,11 +49,12 @@ from vcon_kernels.compressed import QuantizedWeight  # noqa: E402
 from vcon_kernels.compressed import SparseWeight  # noqa: E402
 from vcon_kernels.compressed import matmul  # noqa: E402
 from vcon_kernels.compressed.modules import CompressedLinear  # noqa: E402
+from vcon_kernels.ops import dequant_matmul  # noqa: E402
 from vcon_kernels.spec import TransformSpec  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FIELDS = ["dtype", "format", "M", "K", "N", "path", "weight_MB", "dense_ms", "finalized_ms", "materialize_ms",
-          "ratio", "ratio_materialize", "max_rel_diff", "no_host_sync", "autotune"]
+          "ratio", "ratio_materialize", "fused_ms", "onepass_ms", "max_rel_diff", "no_host_sync", "autotune"]
 
 
 def _quant(rows, cols, bits, group, dtype, gen):
@@ -187,6 +190,17 @@ def run(args) -> list:
                     fin_ms = timer([lambda mod=mod, x=x: mod(x) for mod in layers])
                     mat_ms = timer([lambda mod=mod, x=x: F.linear(x, mod.storage.materialize(), mod.bias)
                                     for mod in layers])
+                    # both strategies of the kernel path, whatever DENSE_MIN_M picks (to set it from data)
+                    fused_ms = onepass_ms = float("inf")
+                    if matmul._triton_ok(x, storage, bias):
+                        saved = dequant_matmul.DENSE_MIN_M
+                        try:
+                            dequant_matmul.DENSE_MIN_M = None
+                            fused_ms = timer([lambda mod=mod, x=x: mod(x) for mod in layers])
+                            dequant_matmul.DENSE_MIN_M = 0
+                            onepass_ms = timer([lambda mod=mod, x=x: mod(x) for mod in layers])
+                        finally:
+                            dequant_matmul.DENSE_MIN_M = saved
                     y = layer(x).float()
                     ref = F.linear(x, w, bias).float()
                     diff = float(((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
@@ -195,6 +209,7 @@ def run(args) -> list:
                                weight_MB=round(_weight_mb(storage), 2), dense_ms=round(dense_ms[m], 5),
                                finalized_ms=round(fin_ms, 5), materialize_ms=round(mat_ms, 5),
                                ratio=round(fin_ms / dense_ms[m], 3), ratio_materialize=round(mat_ms / dense_ms[m], 3),
+                               fused_ms=round(fused_ms, 5), onepass_ms=round(onepass_ms, 5),
                                max_rel_diff=f"{diff:.2e}", no_host_sync=_no_host_sync(layer, x),
                                autotune=int(AUTOTUNE))
                     writer.writerow(row)
@@ -210,10 +225,11 @@ def run(args) -> list:
 def print_table(rows) -> None:
     print("\nfinalized / dense nn.Linear (median ms; ratio < 1: faster than dense)")
     print(f"{'dtype':5s} {'format':15s} {'M':>5s} {'path':11s} {'dense':>9s} {'final':>9s} {'ratio':>6s} "
-          f"{'mater.':>6s} {'diff':>8s} sync")
+          f"{'mater.':>6s} {'fused':>6s} {'1pass':>6s} {'diff':>8s} sync")
     for r in rows:
         print(f"{r['dtype']:5s} {r['format']:15s} {r['M']:5d} {r['path']:11s} {r['dense_ms']:9.4f} "
-              f"{r['finalized_ms']:9.4f} {r['ratio']:6.2f} {r['ratio_materialize']:6.2f} {r['max_rel_diff']:>8s} "
+              f"{r['finalized_ms']:9.4f} {r['ratio']:6.2f} {r['ratio_materialize']:6.2f} "
+              f"{r['fused_ms'] / r['dense_ms']:6.2f} {r['onepass_ms'] / r['dense_ms']:6.2f} {r['max_rel_diff']:>8s} "
               f"{r['no_host_sync']}")
 
 

@@ -141,6 +141,21 @@ def test_rebuilt_weight_is_bit_exact(dtype, tiles):
         assert torch.equal(y, st.materialize().t()), name
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_batches_take_the_one_pass_dequantize(dtype, monkeypatch):
+    """From DENSE_MIN_M rows: W rebuilt by one kernel (== materialize() bit for bit), then F.linear."""
+    monkeypatch.setattr(dequant_matmul, "DEQUANTIZE_BLOCK", (16, 32))  # several programs per dimension
+    monkeypatch.setattr(dequant_matmul, "DENSE_MIN_M", 3)
+    gen = torch.Generator().manual_seed(4)
+    bias = torch.randn(37, generator=gen).to(dtype)
+    for name, st in storages(37, 52, dtype, seed=4).items():
+        w = st.materialize()
+        assert torch.equal(dequant_matmul.dequantize(st.to(DEVICE)).cpu(), w), name
+        x = torch.randn(5, 52, generator=gen).to(dtype)
+        y = dequant_matmul.dequant_linear(x.to(DEVICE), st.to(DEVICE), bias.to(DEVICE)).cpu()
+        assert torch.equal(y, F.linear(x.to(DEVICE), w.to(DEVICE), bias.to(DEVICE)).cpu()), name
+
+
 @pytest.mark.parametrize("case", sorted(c for c in LINEAR_CASES if c != "lowrank"))
 def test_finalized_layers_route_to_the_kernel(case, monkeypatch):
     """A CUDA-like call (CPU tensors allowed into the CUDA branch) runs the kernel and matches materialize."""
@@ -261,8 +276,13 @@ def test_every_tile_config_compiles_for_sm90(tmp_path):
     out = _python_compile(tmp_path, """
         import torch
         from vcon_kernels.ops import aot, aot_record
-        found = aot.variants(aot_record.record_dequant_launches())
+        found_all = aot.variants(aot_record.record_dequant_launches())
+        found = [v for v in found_all if v["fn"].__name__ == "_dequant_matmul_kernel"]
         jobs = aot.jobs(found, archs=(90,))
+        # the one-pass dequantize (one fixed config): every format, bf16, both shape classes
+        onepass = [j for j in aot.jobs([v for v in found_all if v["fn"].__name__ == "_dequantize_kernel"], archs=(90,))
+                   if "bf16" in j["label"]]
+        assert len(onepass) >= 24, len(onepass)
         from vcon_kernels.ops import dequant_matmul
         every = {f"BM{r[0]}xBN{r[1]}xBK{r[2]}_w{r[3]}s{r[4]}" for r in dequant_matmul.GPU_CONFIGS
                  + [dequant_matmul.DEFAULT_DECODE, dequant_matmul.DEFAULT_PREFILL]}
@@ -272,7 +292,7 @@ def test_every_tile_config_compiles_for_sm90(tmp_path):
         assert len(formats) >= 12, formats
         rotated = [j for j in jobs if "bf16" not in j["label"] and "has_bias=1" in j["label"]
                    and j["column"] == j["index"] % len(j["variant"]["configs"])]
-        todo = {id(j): j for j in full + rotated}.values()
+        todo = {id(j): j for j in full + rotated + onepass}.values()
         results = aot.run_jobs(list(todo), out=lambda line: None)
         failed = [(r[0]["label"], r[2]) for r in results if isinstance(r[2], Exception)]
         assert not failed, failed[:3]

@@ -165,6 +165,7 @@ DEQUANT_SHAPES = {"tokens": (32, 256, 1536), "decode": (1, 256, 1536), "odd": (7
 def record_dequant_launches(dtypes=(torch.float32, torch.bfloat16, torch.float16), shapes=tuple(DEQUANT_SHAPES)):
     """``(kernel, kwargs, origin)`` of the finalized layers' Triton GEMM: every format x dtype x shape x bias."""
     from .dequant_matmul import dequant_linear
+    from .dequant_matmul import dequantize
     from .utils import capture_launches
 
     records: list = []
@@ -178,4 +179,9 @@ def record_dequant_launches(dtypes=(torch.float32, torch.bfloat16, torch.float16
                     with capture_launches(launches):
                         dequant_linear(x, storage, bias)
                     records += [(kern, kw, f"dequant_{name}/{shape}") for kern, kw in launches]
+                if shape != "decode":  # the one-pass dequantize of large batches (dequant_linear's DENSE_MIN_M)
+                    launches = []
+                    with capture_launches(launches):
+                        dequantize(storage)
+                    records += [(kern, kw, f"dequantize_{name}/{shape}") for kern, kw in launches]
     return records

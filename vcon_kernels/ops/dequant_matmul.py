@@ -25,7 +25,11 @@ count, tiny at decode, becomes the MMA's N dimension (16 for M = 1 instead of 64
 
 Autotune configs cover decode (``BLOCK_M = 16``, narrow N tiles so that a 4096-row weight still
 spreads over 128+ programs) and prefill (128 x 128 / 128 x 256 tiles); the early prune keeps the
-tiles that fit the bucketed M. No host synchronization: the launch reads only shapes and strides.
+tiles that fit the bucketed M. From ``DENSE_MIN_M`` rows of x on (an estimate until measured), the
+weight is instead rebuilt once per call by ``_dequantize_kernel`` (the same tile code, one pass,
+``== materialize()`` bit for bit) and multiplied by cuBLAS: at large M the fused GEMM redoes the
+dequantization for every token tile. No host synchronization: launches read only shapes and
+strides.
 
 Example usage::
 
@@ -63,13 +67,21 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Decode rows first: memory-bound, they want many programs (N / BLOCK_N >= 128 at N = 4096) and
 # long K steps; prefill rows are the usual compute tiles.
 GPU_CONFIGS = [
-    (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3),
+    (16, 32, 128, 4, 4), (16, 32, 256, 4, 3), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3),
     (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
 ]
-# Without autotuning (VCON_TRITON_AUTOTUNE=0): one config per regime of M.
-DEFAULT_DECODE = (16, 64, 128, 4, 4)
+# Without autotuning (VCON_TRITON_AUTOTUNE=0): one config per regime of M. Decode: 128 programs at
+# N = 4096 (132 SMs on an H100) and 3 x 32 x 256 code bytes in flight per program (an unmeasured guess).
+DEFAULT_DECODE = (16, 32, 256, 4, 3)
 DEFAULT_PREFILL = (128, 128, 64, 8, 3)
 DECODE_MAX_M = 16
+# From this many rows of x on, rebuild W in one pass (``dequantize``) and run cuBLAS instead of the
+# fused GEMM. An estimate from the sm_90 compile, not a measurement: the fused kernel spends ~7-20
+# instructions per weight element per BLOCK_M token tile (about the MMA time at 128-row tiles),
+# while one dequantize pass (codes in, bf16 W out) costs ~15 us at 4096 x 4096 on an H100 against a
+# ~100 us GEMM at M = 2048. ``bench/bench_gpu_infer.py`` measures both; None: always fused.
+DENSE_MIN_M = 1024
+DEQUANTIZE_BLOCK = (32, 128)  # (rows, columns) per program of the one-pass dequantize
 # Under the interpreter big tiles are cheapest; tests override them to span several tiles.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_N": 4}
 TILE_OVERRIDE: dict = {}
@@ -179,6 +191,62 @@ def _apply_scales(w, scale_ptr, stride_sn, stride_sg, s_row, offs_n, n_ok, k0, K
         return w
 
 
+@triton.jit
+def _row_scales(scale_ptr, stride_sn, offs_n, n_ok, SCALE_MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_N, 1) fp32: the layer's scale (per tensor) or each row's (per channel); unused otherwise."""
+    s_row = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    if SCALE_MODE == 0:
+        s_row += tl.load(scale_ptr)
+    elif SCALE_MODE == 1:
+        s_row += tl.load(scale_ptr + offs_n[:, None].to(tl.int64) * stride_sn, mask=n_ok[:, None], other=0.0)
+    return s_row
+
+
+@triton.jit
+def _weight_tile(code_ptr, aux_ptr, scale_ptr, stride_wn, stride_an, stride_sn, stride_sg, s_row, offs_n, n_ok, k0, K,
+                 FMT: tl.constexpr, BITS: tl.constexpr, QMIN: tl.constexpr, HAS_NONZERO: tl.constexpr,
+                 SCALE_MODE: tl.constexpr, GROUP: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
+                 INDEX_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 (BLOCK_N, BLOCK_K) slice ``W[offs_n, k0:k0 + BLOCK_K]`` rebuilt from the stored codes (0 outside)."""
+    # Codes become exact fp32 integers, then times the fp32 scale, as materialize().
+    if FMT == 0:  # int8 codes
+        kk = k0 + tl.arange(0, BLOCK_K)
+        code = tl.load(code_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
+                       mask=n_ok[:, None] & (kk < K)[None, :], other=0)
+        w = _uint_to_f32(code.to(tl.int32) + 128, 128)
+    elif FMT == 1:  # packed int4 / int2: code = u + qmin
+        w = _uint_to_f32(_packed_tile(code_ptr, stride_wn, offs_n, n_ok, k0, K, BITS, BLOCK_N, BLOCK_K), -QMIN)
+    elif FMT == 2:  # sign bits: +-1 (0 where the non-zero bit is clear)
+        bit = _packed_tile(code_ptr, stride_wn, offs_n, n_ok, k0, K, 1, BLOCK_N, BLOCK_K)
+        w = tl.where(bit != 0, 1.0, -1.0)
+        if HAS_NONZERO:
+            w = tl.where(_packed_tile(aux_ptr, stride_an, offs_n, n_ok, k0, K, 1, BLOCK_N, BLOCK_K) != 0, w, 0.0)
+    else:  # N:M values (FMT 3) or int8 codes (FMT 4)
+        w = _nm_tile(code_ptr, stride_wn, aux_ptr, stride_an, offs_n, n_ok, k0, K, NM_N, NM_M, INDEX_BITS,
+                     FMT == 4, BLOCK_N, BLOCK_K)
+    return _apply_scales(w, scale_ptr, stride_sn, stride_sg, s_row, offs_n, n_ok, k0, K, SCALE_MODE, GROUP,
+                         BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _dequantize_kernel(
+    code_ptr, aux_ptr, scale_ptr, out_ptr, N, K, stride_wn, stride_an, stride_sn, stride_sg, stride_on,
+    FMT: tl.constexpr, BITS: tl.constexpr, QMIN: tl.constexpr, HAS_NONZERO: tl.constexpr,
+    SCALE_MODE: tl.constexpr, GROUP: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
+    INDEX_BITS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out = storage.materialize()`` in one pass (large-M strategy: then one cuBLAS GEMM)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    kk = k0 + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    s_row = _row_scales(scale_ptr, stride_sn, offs_n, n_ok, SCALE_MODE, BLOCK_N)
+    w = _weight_tile(code_ptr, aux_ptr, scale_ptr, stride_wn, stride_an, stride_sn, stride_sg, s_row, offs_n, n_ok,
+                     k0, K, FMT, BITS, QMIN, HAS_NONZERO, SCALE_MODE, GROUP, NM_N, NM_M, INDEX_BITS, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + kk[None, :],
+             cast_to(w, out_ptr.dtype.element_ty, UPCAST), mask=n_ok[:, None] & (kk < K)[None, :])
+
+
 @triton.jit(do_not_specialize=["M_KEY"])
 def _dequant_matmul_kernel(
     x_ptr, code_ptr, aux_ptr, scale_ptr, bias_ptr, out_ptr,
@@ -209,11 +277,7 @@ def _dequant_matmul_kernel(
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None] * stride_xk  # x^T (K, M) tile
 
     # Per-tensor / per-channel scales: loaded once, outside the K loop.
-    s_row = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
-    if SCALE_MODE == 0:
-        s_row += tl.load(scale_ptr)
-    elif SCALE_MODE == 1:
-        s_row += tl.load(scale_ptr + offs_n[:, None].to(tl.int64) * stride_sn, mask=n_ok[:, None], other=0.0)
+    s_row = _row_scales(scale_ptr, stride_sn, offs_n, n_ok, SCALE_MODE, BLOCK_N)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -222,23 +286,9 @@ def _dequant_matmul_kernel(
         x = tl.load(x_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
-        # Codes become exact fp32 integers (then times the fp32 scale, as materialize()).
-        if FMT == 0:  # int8 codes
-            code = tl.load(code_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk[None, :],
-                           mask=n_ok[:, None] & k_ok[None, :], other=0)
-            w = _uint_to_f32(code.to(tl.int32) + 128, 128)
-        elif FMT == 1:  # packed int4 / int2: code = u + qmin
-            w = _uint_to_f32(_packed_tile(code_ptr, stride_wn, offs_n, n_ok, k0, K, BITS, BLOCK_N, BLOCK_K), -QMIN)
-        elif FMT == 2:  # sign bits: +-1 (0 where the non-zero bit is clear)
-            bit = _packed_tile(code_ptr, stride_wn, offs_n, n_ok, k0, K, 1, BLOCK_N, BLOCK_K)
-            w = tl.where(bit != 0, 1.0, -1.0)
-            if HAS_NONZERO:
-                w = tl.where(_packed_tile(aux_ptr, stride_an, offs_n, n_ok, k0, K, 1, BLOCK_N, BLOCK_K) != 0, w, 0.0)
-        else:  # N:M values (FMT 3) or int8 codes (FMT 4)
-            w = _nm_tile(code_ptr, stride_wn, aux_ptr, stride_an, offs_n, n_ok, k0, K, NM_N, NM_M, INDEX_BITS,
-                         FMT == 4, BLOCK_N, BLOCK_K)
-        w = _apply_scales(w, scale_ptr, stride_sn, stride_sg, s_row, offs_n, n_ok, k0, K, SCALE_MODE, GROUP,
-                          BLOCK_N, BLOCK_K)
+        w = _weight_tile(code_ptr, aux_ptr, scale_ptr, stride_wn, stride_an, stride_sn, stride_sg, s_row, offs_n,
+                         n_ok, k0, K, FMT, BITS, QMIN, HAS_NONZERO, SCALE_MODE, GROUP, NM_N, NM_M, INDEX_BITS,
+                         BLOCK_N, BLOCK_K)
         # materialize() rounds the fp32 product to the layer dtype once: so does the operand.
         acc = tl.dot(as_operand(w, x_ptr.dtype.element_ty, UPCAST), x, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
@@ -333,13 +383,26 @@ def kernel_args(storage) -> dict:
     )
 
 
-def dequant_linear(x: torch.Tensor, storage, bias: Optional[torch.Tensor] = None,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dequantize(storage) -> torch.Tensor:
+    """``storage.materialize()`` (bit for bit) in one kernel pass, on the storage's device."""
+    rows, cols = storage.shape
+    args = kernel_args(storage)
+    out = torch.empty(rows, cols, dtype=storage.dtype, device=args["code_ptr"].device)
+    args.update(out_ptr=out, N=rows, K=cols, stride_on=out.stride(0), UPCAST=UPCAST, BLOCK_N=DEQUANTIZE_BLOCK[0],
+                BLOCK_K=DEQUANTIZE_BLOCK[1], num_warps=4)
+    launch(_dequantize_kernel, (triton.cdiv(rows, DEQUANTIZE_BLOCK[0]), triton.cdiv(cols, DEQUANTIZE_BLOCK[1])),
+           **args)
+    return out
+
+
+def dequant_linear(x: torch.Tensor, storage, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ W^T + bias`` for a 2-D ``x`` (M, K) and a compressed ``storage`` of shape (N, K).
 
     ``x``'s dtype must be the storage's (fp32, bf16 or fp16); the result has that dtype.
     Equal to ``F.linear(x, storage.materialize(), bias)`` up to the fp32 accumulation order (fp32
     operands follow ``torch.get_float32_matmul_precision()``: tf32 unless it is "highest").
+    From ``DENSE_MIN_M`` rows on, the weight is rebuilt by :func:`dequantize` and multiplied by
+    ``F.linear`` (cuBLAS): exactly the old result, one elementwise pass instead of several.
     """
     if x.dim() != 2 or x.shape[1] != storage.shape[1]:
         raise ValueError(f"dequant_linear: x must be (M, {storage.shape[1]}), got {tuple(x.shape)}")
@@ -348,8 +411,9 @@ def dequant_linear(x: torch.Tensor, storage, bias: Optional[torch.Tensor] = None
                          f"{DTYPES}")
     rows = storage.shape[0]
     m, k = x.shape
-    if out is None:
-        out = torch.empty(m, rows, dtype=x.dtype, device=x.device)
+    if DENSE_MIN_M is not None and m >= DENSE_MIN_M:
+        return torch.nn.functional.linear(x, dequantize(storage), bias)
+    out = torch.empty(m, rows, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     args = kernel_args(storage)
@@ -370,4 +434,4 @@ def dequant_linear(x: torch.Tensor, storage, bias: Optional[torch.Tensor] = None
     return out
 
 
-__all__ = ["dequant_linear", "kernel_args", "supports", "tile_configs"]
+__all__ = ["dequant_linear", "dequantize", "kernel_args", "supports", "tile_configs"]
