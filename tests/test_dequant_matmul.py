@@ -282,7 +282,7 @@ def test_every_tile_config_compiles_for_sm90(tmp_path):
         # the one-pass dequantize (one fixed config): every format, bf16, both shape classes
         onepass = [j for j in aot.jobs([v for v in found_all if v["fn"].__name__ == "_dequantize_kernel"], archs=(90,))
                    if "bf16" in j["label"]]
-        assert len(onepass) >= 24, len(onepass)
+        assert len(onepass) >= 20, len(onepass)
         from vcon_kernels.ops import dequant_matmul
         every = {f"BM{r[0]}xBN{r[1]}xBK{r[2]}_w{r[3]}s{r[4]}" for r in dequant_matmul.GPU_CONFIGS
                  + [dequant_matmul.DEFAULT_DECODE, dequant_matmul.DEFAULT_PREFILL]}

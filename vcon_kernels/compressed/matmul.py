@@ -11,7 +11,8 @@ gradient wanted, no autocast) a storage's codes go straight to ``_C.infer_linear
 
 On CUDA (Triton importable, same conditions otherwise) the quantized, binary, N:M and N:M +
 quantized storages go to the Triton weight-only GEMM ``ops/dequant_matmul.py``, which reads the
-codes and rebuilds each weight tile in registers (decode and prefill autotune configs); no host
+codes and rebuilds each weight tile in registers (decode and prefill autotune configs; from
+``DENSE_MIN_M`` rows, one dequantize pass + cuBLAS); no host
 synchronization (nothing reads a tensor's values on the host). CSR storages keep the path below.
 
 Everything else (CSR on CUDA, fp64, autocast, autograd, torch.compile, a missing extension or

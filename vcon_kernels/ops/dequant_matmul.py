@@ -31,6 +31,20 @@ weight is instead rebuilt once per call by ``_dequantize_kernel`` (the same tile
 dequantization for every token tile. No host synchronization: launches read only shapes and
 strides.
 
+What the sm_90 compiler makes of it (Triton 3.7.1, bf16, specialized as the GPU JIT does,
+``ops/aot_compile.py``; never run on a GPU yet). Registers / spill bytes / main-loop SASS
+instructions per weight element and thread:
+
+* decode tile 16x64x128 (4 warps): int8 91-96 / 0 / 8.6-8.8, int4 139-191 / 0 / 12.9-13.7, int2
+  116 / 0 / 13.3, binary 128-205 / 0 / 11.0, 2:4 107 / 0 / 12.6, 2:4 + int8 150 / 0 / 15.1;
+* prefill tile 128x128x64 (8 warps): int8 125-141 / 0 / 11.0-11.2, int4 167-185 / 0 / 14.6-16.3,
+  int2 164 / 0 / 12.6, binary 168 / 0 / 19.5, 2:4 169 / 0 / 13.0, 2:4 + int8 168 / 0 / 15.5;
+* wgmma and cp.async everywhere but the BLOCK_N = 32 tiles (mma.sync); spills only for N:M with
+  m not a power of two (3:6: the per-column gather, 255 registers, 0.5-2.6 KB, ~50 instructions
+  per element) and groups straddling K steps (96 columns: up to 412 B at the largest tiles).
+  Packed codes (int4 / int2 / bits) are loaded as scalar bytes and cross shared memory once for
+  the unpack's layout: the first thing to improve if a GPU shows int4 decode instruction-bound.
+
 Example usage::
 
     from vcon_kernels.ops.dequant_matmul import dequant_linear, supports
@@ -230,12 +244,12 @@ def _weight_tile(code_ptr, aux_ptr, scale_ptr, stride_wn, stride_an, stride_sn, 
 
 @triton.jit
 def _dequantize_kernel(
-    code_ptr, aux_ptr, scale_ptr, out_ptr, N, K, stride_wn, stride_an, stride_sn, stride_sg, stride_on,
+    code_ptr, aux_ptr, scale_ptr, w_ptr, N, K, stride_wn, stride_an, stride_sn, stride_sg, stride_on,
     FMT: tl.constexpr, BITS: tl.constexpr, QMIN: tl.constexpr, HAS_NONZERO: tl.constexpr,
     SCALE_MODE: tl.constexpr, GROUP: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
     INDEX_BITS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``out = storage.materialize()`` in one pass (large-M strategy: then one cuBLAS GEMM)."""
+    """``w = storage.materialize()`` in one pass (large-M strategy: then one cuBLAS GEMM)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     kk = k0 + tl.arange(0, BLOCK_K)
@@ -243,8 +257,8 @@ def _dequantize_kernel(
     s_row = _row_scales(scale_ptr, stride_sn, offs_n, n_ok, SCALE_MODE, BLOCK_N)
     w = _weight_tile(code_ptr, aux_ptr, scale_ptr, stride_wn, stride_an, stride_sn, stride_sg, s_row, offs_n, n_ok,
                      k0, K, FMT, BITS, QMIN, HAS_NONZERO, SCALE_MODE, GROUP, NM_N, NM_M, INDEX_BITS, BLOCK_N, BLOCK_K)
-    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + kk[None, :],
-             cast_to(w, out_ptr.dtype.element_ty, UPCAST), mask=n_ok[:, None] & (kk < K)[None, :])
+    tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_on + kk[None, :],
+             cast_to(w, w_ptr.dtype.element_ty, UPCAST), mask=n_ok[:, None] & (kk < K)[None, :])
 
 
 @triton.jit(do_not_specialize=["M_KEY"])
@@ -388,7 +402,7 @@ def dequantize(storage) -> torch.Tensor:
     rows, cols = storage.shape
     args = kernel_args(storage)
     out = torch.empty(rows, cols, dtype=storage.dtype, device=args["code_ptr"].device)
-    args.update(out_ptr=out, N=rows, K=cols, stride_on=out.stride(0), UPCAST=UPCAST, BLOCK_N=DEQUANTIZE_BLOCK[0],
+    args.update(w_ptr=out, N=rows, K=cols, stride_on=out.stride(0), UPCAST=UPCAST, BLOCK_N=DEQUANTIZE_BLOCK[0],
                 BLOCK_K=DEQUANTIZE_BLOCK[1], num_warps=4)
     launch(_dequantize_kernel, (triton.cdiv(rows, DEQUANTIZE_BLOCK[0]), triton.cdiv(cols, DEQUANTIZE_BLOCK[1])),
            **args)
