@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared call on the GPU device machine (torch + Triton preinstalled there, no network):
 #   1. the Triton kernel tests natively on the GPU (no interpreter; one tile config per kernel),
-#   2. bench/bench_gpu.py: the issue-3 table (bf16 H200 targets), CSV under $OUT, table printed last.
+#   2. bench/bench_gpu.py: the issue-3 table (bf16 H200 targets), CSV under $OUT, table printed last,
+#   3. bench/bench_gpu_infer.py: finalized layers vs nn.Linear in the time left (issue 11, CSV under $OUT).
 # Device tool call: run(command="bash bench/gpu_check.sh", timeout_s=600). Locally: OUT=/tmp/out bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +32,18 @@ echo "== 2. benchmark"
 export VCON_TRITON_TUNE_CONFIGS=${VCON_TRITON_TUNE_CONFIGS:-2}
 timeout 330 python3 bench/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -n 80
 bench_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+
+echo "== 3. finalized layers: Triton dequant GEMM vs nn.Linear (bench/bench_gpu_infer.py)"
+# Whatever is left of 8 minutes ($SECONDS: since this script started), 20 s kept for the transfer;
+# one tile config per M regime (no autotune compiles); rows are written as they are measured.
+left=$(( 460 - SECONDS ))
+infer_rc=0
+if (( left >= 60 )); then
+    VCON_TRITON_AUTOTUNE=0 timeout "$left" python3 bench/bench_gpu_infer.py --out "$OUT" --budget-s $(( left - 45 )) \
+        2>&1 | tee "$OUT/bench_infer.log" | tail -n 45
+    infer_rc=${PIPESTATUS[0]}
+else
+    echo "skipped: ${left}s left of the 8 minutes"
+fi
+echo "tests rc=$tests_rc bench rc=$bench_rc infer rc=$infer_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 || infer_rc != 0 ))

@@ -9,9 +9,15 @@ gradient wanted, no autocast) a storage's codes go straight to ``_C.infer_linear
 * prefill, larger weights: dequantized block by block into a reused per-thread workspace,
   each block through one GEMM (fp32 for fp32/fp16 activations, bf16 for bf16).
 
-Everything else (CUDA, fp64, autocast, autograd, torch.compile, a missing extension) computes
-``F.linear(x, storage.materialize(), bias)``: the weight rebuilt with the arithmetic of the
-VCON layer at beta = 0 and no host synchronization.
+On CUDA (Triton importable, same conditions otherwise) the quantized, binary, N:M and N:M +
+quantized storages go to the Triton weight-only GEMM ``ops/dequant_matmul.py``, which reads the
+codes and rebuilds each weight tile in registers (decode and prefill autotune configs; from
+``DENSE_MIN_M`` rows, one dequantize pass + cuBLAS); no host
+synchronization (nothing reads a tensor's values on the host). CSR storages keep the path below.
+
+Everything else (CSR on CUDA, fp64, autocast, autograd, torch.compile, a missing extension or
+Triton) computes ``F.linear(x, storage.materialize(), bias)``: the weight rebuilt with the
+arithmetic of the VCON layer at beta = 0 and no host synchronization.
 
 Example usage::
 
@@ -64,6 +70,39 @@ def _fast_args(x: torch.Tensor, storage):
     return storage.infer_args()
 
 
+# Devices whose calls take the Triton kernel (a tuple so that a test can route CPU tensors there,
+# under TRITON_INTERPRET=1, to check the routing itself).
+TRITON_DEVICES = ("cuda",)
+_dequant = None  # ops.dequant_matmul once imported; False when Triton cannot be imported
+
+
+def _dequant_module():
+    global _dequant
+    if _dequant is None:
+        try:
+            from ..ops import dequant_matmul
+        except ImportError:  # no Triton in this install: the materialize path computes the same
+            dequant_matmul = False
+        _dequant = dequant_matmul
+    return _dequant
+
+
+def _triton_ok(x: torch.Tensor, storage, bias) -> bool:
+    """Whether the Triton dequantizing GEMM takes this call (CUDA, no autograd, no autocast, not compiling)."""
+    if x.device.type not in TRITON_DEVICES or x.dtype not in FAST_DTYPES or x.dtype != storage.dtype:
+        return False
+    if torch.compiler.is_compiling():  # the graph gets materialize + F.linear
+        return False
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks the compute dtype: the plain path follows it
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:  # the kernel has no derivative
+        return False
+    if bias is not None and bias.dtype != x.dtype:
+        return False
+    kernels = _dequant_module()
+    return bool(kernels) and kernels.supports(storage)
+
+
 def _fast_ok(x: torch.Tensor, storage) -> bool:
     return _fast_args(x, storage) is not None
 
@@ -88,6 +127,15 @@ def compressed_linear(x: torch.Tensor, storage, bias=None) -> torch.Tensor:
     """``x @ W^T + bias`` for a compressed ``storage`` (any leading dims of ``x``)."""
     if x.shape[-1] != storage.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim, the layer expects {storage.shape[1]}")
+    if _triton_ok(x, storage, bias):  # CUDA: the codes go straight to the Triton GEMM
+        x2 = x.reshape(-1, storage.shape[1])
+        if x2.stride(-1) != 1:  # any row stride is fine, columns must be contiguous to load fast
+            x2 = x2.contiguous()
+        late_bias = bias is not None and torch.is_grad_enabled() and bias.requires_grad
+        y = _dequant.dequant_linear(x2, storage, None if late_bias else bias)
+        if late_bias:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], storage.shape[0])
     args = _fast_args(x, storage)  # built once per call: at decode each microsecond is ~1% of the layer
     if args is None:
         return F.linear(x, storage.materialize(), bias)

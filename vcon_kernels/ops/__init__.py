@@ -10,6 +10,8 @@ The autograd glue is ``library.py`` (custom ops, backward ops); the Triton backe
 * ``vcon_matmul.py``: the tiled GEMM with the in-register W transform and the low-rank fold.
 * ``linear_forward.py`` / ``linear_backward.py``: the linear layer, per strategy (``dispatch.py``).
 * ``transform.py``: the in-register transforms shared by all of them; ``utils.py``: launch helpers.
+* ``dequant_matmul.py``: finalized layers' weight-only GEMM over the stored codes (CUDA path of
+  ``compressed/matmul.py``; imported there, not here).
 """
 
 from . import dispatch

@@ -64,6 +64,7 @@ def variants(records) -> list:
     """``[Variant]`` deduplicated by specialization key (GEMM tile configs stripped), in a stable order."""
     import triton
 
+    from . import dequant_matmul
     from . import vcon_matmul
     from .aot_compile import specialization_key
     from .aot_compile import specialize
@@ -73,17 +74,22 @@ def variants(records) -> list:
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
         args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
         gemm = fn is vcon_matmul._vcon_matmul_kernel
+        dequant = fn is dequant_matmul._dequant_matmul_kernel  # finalized layers' GEMM: its own tile configs
         if gemm:  # the tile config is the job's, not the variant's
             args.update(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8)
+        if dequant:
+            args.update(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_N=8)
         key = specialization_key(fn, args)
         if key not in found:
             signature = specialize(fn, args)[0]
             dtype = _dtype_of(signature)
             if gemm:
                 configs = vcon_matmul.tile_configs(dtype)
+            elif dequant:
+                configs = dequant_matmul.tile_configs(dtype)
             else:
                 configs = [("fixed", {}, kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))]
-            skip = ("UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M") if gemm else ("UPCAST",)
+            skip = ("UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "GROUP_N") if gemm or dequant else ("UPCAST",)
             label = f"{fn.__name__} {dtype} {_describe(fn, signature, args, skip)}"
             found[key] = dict(fn=fn, kwargs=args, configs=configs, label=label, origin=origin, gemm=gemm,
                               dtype=dtype, key=key)

@@ -120,4 +120,68 @@ def record_launches(dtypes=(torch.float32, torch.bfloat16, torch.float16), shape
                 for shape in shapes:
                     layer, m = _layer(name, factory, structured, shape, grad, dtype)
                     records += [(kern, kw, f"{name}/{grad}/{shape}") for kern, kw in record_layer(layer, m)]
+    # finalized layers' GEMM (dequant_matmul.py): its own shapes, one variant per storage format
+    return records + record_dequant_launches(dtypes, tuple(s for s in shapes if s in DEQUANT_SHAPES))
+
+
+def dequant_storages(rows: int, cols: int, dtype) -> dict:
+    """One finalized storage per Triton dequant-GEMM format variant (``dequant_matmul.py``), zero codes."""
+    from ..compressed import NMQuantizedWeight
+    from ..compressed import NMSparseWeight
+    from ..compressed import QuantizedWeight
+    from ..spec import TransformSpec
+
+    group = 128 if cols % 128 == 0 else 4
+    codes = torch.zeros(rows, cols)
+    out = {}
+    for bits, gs, tag in [(8, cols, "channel"), (8, group, "group"), (4, group, "group"), (4, cols, "channel"),
+                          (2, 0, "tensor"), (1, 0, "tensor"), (1, cols, "channel")]:
+        spec = TransformSpec(bits=bits, group_size=gs)
+        out[f"q{bits}_{tag}"] = QuantizedWeight(codes, torch.ones(spec.scales_shape(rows, cols)), spec, dtype)
+    if cols % 96 == 0:  # groups straddling the K steps of 64
+        spec = TransformSpec(bits=4, group_size=96)
+        out["q4_group96"] = QuantizedWeight(codes, torch.ones(spec.scales_shape(rows, cols)), spec, dtype)
+    out["q1_channel_zeros"] = QuantizedWeight(codes, torch.ones(rows, 1), TransformSpec(bits=1, group_size=cols),
+                                              dtype)  # all codes 0: the non-zero bit plane is stored
+    keep = torch.zeros(rows, cols // 4, 4, dtype=torch.bool)
+    keep[..., :2] = True
+    keep = keep.reshape(rows, cols)
+    out["nm_2:4"] = NMSparseWeight(torch.ones(rows, cols, dtype=dtype), keep, 2, 4)
+    for gs, tag in [(cols, "channel"), (group, "group")]:
+        spec = TransformSpec(bits=8, group_size=gs)
+        out[f"nmq_2:4_{tag}"] = NMQuantizedWeight(codes, keep, 2, 4, torch.ones(spec.scales_shape(rows, cols)),
+                                                  spec, dtype)
+    if cols % 6 == 0:
+        keep6 = torch.zeros(rows, cols // 6, 6, dtype=torch.bool)
+        keep6[..., :3] = True
+        out["nm_3:6"] = NMSparseWeight(torch.ones(rows, cols, dtype=dtype), keep6.reshape(rows, cols), 3, 6)
+    return out
+
+
+# Shapes of the dequant GEMM's launches: (M, N, K); "tokens" and "decode" specialize like K = N = 4096.
+DEQUANT_SHAPES = {"tokens": (32, 256, 1536), "decode": (1, 256, 1536), "odd": (70, 37, 48)}
+
+
+def record_dequant_launches(dtypes=(torch.float32, torch.bfloat16, torch.float16), shapes=tuple(DEQUANT_SHAPES)):
+    """``(kernel, kwargs, origin)`` of the finalized layers' Triton GEMM: every format x dtype x shape x bias."""
+    from .dequant_matmul import dequant_linear
+    from .dequant_matmul import dequantize
+    from .utils import capture_launches
+
+    records: list = []
+    for shape in shapes:
+        m, n, k = DEQUANT_SHAPES[shape]
+        for dtype in dtypes:
+            for name, storage in dequant_storages(n, k, dtype).items():
+                x = torch.ones(m, k, dtype=dtype)
+                for bias in (torch.ones(n, dtype=dtype), None):
+                    launches: list = []
+                    with capture_launches(launches):
+                        dequant_linear(x, storage, bias)
+                    records += [(kern, kw, f"dequant_{name}/{shape}") for kern, kw in launches]
+                if shape != "decode":  # the one-pass dequantize of large batches (dequant_linear's DENSE_MIN_M)
+                    launches = []
+                    with capture_launches(launches):
+                        dequantize(storage)
+                    records += [(kern, kw, f"dequantize_{name}/{shape}") for kern, kw in launches]
     return records
