@@ -20,7 +20,7 @@ feeds it to ``tl.dot`` with fp32 accumulation:
 
 The tile is computed transposed (``acc[n, m] = sum_k W[n, k] x[m, k]``): the rebuilt weight
 slice is the *left* ``tl.dot`` operand, which on sm_90 lets wgmma take it from registers (no
-shared-memory round trip, ``/work/shared/GPU_AUDIT.md``'s swap-AB experiment), and the token
+shared-memory round trip, as in the transform GEMMs of ``vcon_matmul.py``, bench/SM90.md), and the token
 count, tiny at decode, becomes the MMA's N dimension (16 for M = 1 instead of 64).
 
 Autotune configs cover decode (``BLOCK_M = 16``, narrow N tiles so that a 4096-row weight still

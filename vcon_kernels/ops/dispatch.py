@@ -32,7 +32,7 @@ from ..spec import TransformSpec
 
 STRATEGIES = ("fused", "weff")
 # Largest M (rows of x) that runs fused, per class of spec. Not yet measured on a GPU; chosen from
-# the sm_90 compiler's output (bench/SM90.md, /work/shared/GPU_AUDIT.md), roughly +-50%:
+# the sm_90 compiler's output (bench/SM90.md and the project's sm_90 audit notes), roughly +-50%:
 # * the fused GEMM redoes the W transform M / BLOCK_M times; transform time / MMA time per tile is
 #   about 11.8 x (hot-loop instructions per weight element) / BLOCK_M on an H200 (~67 TFLOP/s of
 #   CUDA-core issue against ~790 TFLOP/s of bf16 wgmma). At 6-30 instructions per element and
