@@ -74,6 +74,8 @@ demo setting: prune 90%, fine-tune the dense model first, then one-shot / gradua
   6-7 points below dense: too long for this demo (4-10 minutes per run here). Run it (on the demo's
   subsets) with: make demo DEMO_ARGS="--from pretrained --lr 1e-4 --transition 0.2 --steps 250", for
   binary add --method quantize --bits 1 --quant-granularity tensor; the 3-seed grid: experiments/RESULTS.md.
+  Binary weights at this demo's own budget (60 steps, fine-tune first, 3 seeds, 2026-12-07) tie one-shot
+  (validation 75.13 both, test -0.57 +- 0.68), so switching the demo to binary would show nothing either.
   Small on purpose (60 steps, 3000 training sentences, one seed): a fresh clone took 10.5 minutes on 2 CPU
   cores, install included (4m56 + 5m37, 2026-11-28), at the edge of the 10-minute target; one seed of 60
   steps is noise-level.
