@@ -57,15 +57,20 @@ def fast_path_available() -> bool:
     return _C is not None
 
 
+def _plain_call_wanted(x: torch.Tensor, storage) -> bool:
+    """Whether this call must take ``materialize`` + ``F.linear`` whatever the device's kernels.
+
+    x not in the layer's (fp32 / bf16 / fp16) dtype; torch.compile tracing (the graph gets materialize
+    + F.linear, inductor fuses the dequantize); autocast (it picks the compute dtype: the plain path
+    follows it); or a gradient wanted (the kernels have no derivative).
+    """
+    return (x.dtype not in FAST_DTYPES or x.dtype != storage.dtype or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(x.device.type) or (torch.is_grad_enabled() and x.requires_grad))
+
+
 def _fast_args(x: torch.Tensor, storage):
     """The storage's kernel arguments when the C++ kernels take this call, else None."""
-    if _C is None or x.device.type != "cpu" or x.dtype not in FAST_DTYPES or x.dtype != storage.dtype:
-        return None
-    if torch.compiler.is_compiling():  # the graph gets materialize + F.linear (inductor fuses the dequantize)
-        return None
-    if torch.is_autocast_enabled("cpu"):  # autocast picks the compute dtype: the plain path follows it
-        return None
-    if torch.is_grad_enabled() and x.requires_grad:  # the kernels have no derivative
+    if _C is None or x.device.type != "cpu" or _plain_call_wanted(x, storage):
         return None
     return storage.infer_args()
 
@@ -89,13 +94,7 @@ def _dequant_module():
 
 def _triton_ok(x: torch.Tensor, storage, bias) -> bool:
     """Whether the Triton dequantizing GEMM takes this call (CUDA, no autograd, no autocast, not compiling)."""
-    if x.device.type not in TRITON_DEVICES or x.dtype not in FAST_DTYPES or x.dtype != storage.dtype:
-        return False
-    if torch.compiler.is_compiling():  # the graph gets materialize + F.linear
-        return False
-    if torch.is_autocast_enabled(x.device.type):  # autocast picks the compute dtype: the plain path follows it
-        return False
-    if torch.is_grad_enabled() and x.requires_grad:  # the kernel has no derivative
+    if x.device.type not in TRITON_DEVICES or _plain_call_wanted(x, storage):
         return False
     if bias is not None and bias.dtype != x.dtype:
         return False
