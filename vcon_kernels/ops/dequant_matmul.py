@@ -61,12 +61,14 @@ import triton
 import triton.language as tl
 
 from .safe_autotune import safe_autotune
+from .safe_autotune import short_tune_bench
 from .utils import AUTOTUNE
 from .utils import INTERPRET
 from .utils import UPCAST
 from .utils import as_operand
 from .utils import bucket
 from .utils import cast_to
+from .utils import grouped_tile
 from .utils import input_precision
 from .utils import launch
 
@@ -274,14 +276,7 @@ def _dequant_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # Grouped order: GROUP_N weight tiles are swept by every token tile while they sit in L2.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.cdiv(M, BLOCK_M)
-    in_group = GROUP_N * num_m
-    first_n = (pid // in_group) * GROUP_N
-    group_rows = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % in_group) % group_rows
-    pid_m = (pid % in_group) // group_rows
+    pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -327,15 +322,10 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def _tune_bench(kernel_call, quantiles):
-    """Shorter than Triton's default (25 ms warm-up + 100 ms per config): tuning runs once per key."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
 _KEYS = ["M_KEY", "N", "K", "FMT", "BITS", "HAS_NONZERO", "SCALE_MODE", "GROUP", "NM_N", "NM_M", "INPUT_PRECISION"]
 _dequant_matmul_tuned = safe_autotune(
     configs=[_as_config(c) for c in GPU_CONFIGS], key=_KEYS, prune_configs_by={"early_config_prune": _prune_configs},
-    do_bench=_tune_bench,
+    do_bench=short_tune_bench,
 )(_dequant_matmul_kernel)
 
 

@@ -56,6 +56,11 @@ class SafeAutotuner(triton.runtime.Autotuner):
         return kept
 
 
+def short_tune_bench(kernel_call, quantiles):
+    """Shorter than Triton's default (25 ms warm-up + 100 ms per config): tuning runs once per key."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def safe_autotune(configs, key, prune_configs_by=None, do_bench=None):
     """``triton.autotune`` with :class:`SafeAutotuner` (the arguments this package uses)."""
     def decorator(fn):

@@ -140,6 +140,21 @@ def launch(kernel, grid, **kwargs):
         kernel[grid](**kwargs)
 
 
+# -- tile order --------------------------------------------------------------------------------------------
+@triton.jit
+def grouped_tile(pid, num_outer, num_inner, GROUP: tl.constexpr):
+    """``(outer, inner)`` tile indices of program ``pid`` in grouped order.
+
+    GROUP consecutive outer tiles are swept by every inner tile before the next GROUP start, so the
+    inner operand's tiles are reused from L2 GROUP times (the usual GEMM swizzle). Row-major over
+    ``num_outer x num_inner`` tiles otherwise; the last group may be shorter.
+    """
+    in_group = GROUP * num_inner
+    first = (pid // in_group) * GROUP
+    group_rows = tl.minimum(num_outer - first, GROUP)
+    return first + (pid % in_group) % group_rows, (pid % in_group) // group_rows
+
+
 # -- rounding and casting helpers ---------------------------------------------------------------------
 @triton.jit
 def bf16_rtne(x):

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .safe_autotune import safe_autotune
+from .safe_autotune import short_tune_bench
 from .transform import group_recip
 from .transform import load_row_state
 from .transform import row_state
@@ -48,6 +49,7 @@ from .utils import UPCAST
 from .utils import as_operand
 from .utils import bucket
 from .utils import cast_to
+from .utils import grouped_tile
 from .utils import input_precision
 from .utils import launch
 from .weight_state import WeightState
@@ -135,14 +137,7 @@ def _vcon_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles share their B tiles while they are in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_rows
-    pid_n = (pid % in_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -283,14 +278,9 @@ def _vcon_matmul_kernel(
 
 _KEYS = ["M_KEY", "N_KEY", "K_KEY", "PRUNE", "QUANT", "B_IS_W", "EXACT_COEF", "LOWRANK", "prune_kind", "quant_on",
          "has_bias", "do_rowsum", "scale_grouped", "NM_GROUP", "NM_KEEP", "INPUT_PRECISION"]
-def _tune_bench(kernel_call, quantiles):
-    """Shorter than Triton's default (25 ms warm-up + 100 ms per config): tuning runs once per key."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
 _vcon_matmul_tuned = safe_autotune(
     configs=[_as_config(c) for c in _tuned_rows()], key=_KEYS, prune_configs_by={"early_config_prune": _prune_configs},
-    do_bench=_tune_bench,
+    do_bench=short_tune_bench,
 )(_vcon_matmul_kernel)
 
 
