@@ -31,8 +31,9 @@ def test_config_from_options():
     assert config_from_args(parse("--method", "lowrank")) == vk.LowRank(rank=16)
     assert config_from_args(parse("--method", "lowrank", "--rank-ratio", "0.25", "--grad", "exact")) == \
         vk.LowRank(rank_ratio=0.25, grad="exact")
-    assert config_from_args(parse("--method", "lowrank", "--lowrank-init", "reference", "--grad", "exact")) == \
-        vk.LowRank(rank=16, grad="exact", init="reference")
+    assert config_from_args(parse("--method", "lowrank", "--lowrank-init", "split", "--grad", "exact")) == \
+        vk.LowRank(rank=16, grad="exact", init="split")
+    assert config_from_args(parse("--method", "lowrank")).init == "reference"
     assert parse("--shared-batchnorm").shared_batchnorm and not parse().shared_batchnorm
     assert config_from_args(parse("--granularity", "nm", "--nm", "1:4", "--mask-update", "10")) == \
         vk.Prune(granularity="nm", n=1, m=4, update=10)

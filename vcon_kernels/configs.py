@@ -235,9 +235,9 @@ LOWRANK_INITS = ("split", "reference")
 class LowRank(VCONConfig):
     """Low-rank factorization: ``g(x) = (x V^T) U^T`` with U (N, r), V (r, K).
 
-    U and V are initialised from the truncated SVD of W, split evenly:
-    ``U = U_r sqrt(S_r)``, ``V = sqrt(S_r) V_r^T`` (so ``U V`` is the best rank-r
-    approximation and both factors have the same scale). Give exactly one of ``rank``
+    U and V are initialised from the truncated SVD of W with all of S in the output
+    factor: ``U = U_r diag(S_r)``, ``V = V_r^T`` (so ``U V`` is the best rank-r
+    approximation), as the authors' code does. Give exactly one of ``rank``
     (1 <= rank <= min(N, K)) or ``rank_ratio`` in (0, 1] (rank = max(1, round(ratio *
     min(N, K)))).
 
@@ -248,24 +248,27 @@ class LowRank(VCONConfig):
     parameter; AdamW's weight decay and momentum still move W, which only matters if beta is
     raised again (freeze it with ``layer.weight.requires_grad_(False)`` to skip the optimizer too).
 
-    ``init``: how the singular values are shared between the factors. ``"split"``
-    (default): ``sqrt(S_r)`` in each, as above. ``"reference"``: all of S in the output
-    factor, ``U = U_r diag(S_r)``, ``V = V_r^T``, as the authors' code does. The product is
-    the same, but AdamW's updates are not invariant to the split, so training differs.
-    ``LowRank(..., grad="exact", init="reference")`` is the setting that reproduces the
-    reference algorithm (its dense weight gets ``beta G``).
+    ``init``: how the singular values are shared between the factors. ``"reference"``
+    (default): all of S in the output factor, as above. ``"split"``: ``sqrt(S_r)`` in each,
+    ``U = U_r sqrt(S_r)``, ``V = sqrt(S_r) V_r^T`` (both factors at the same scale; the
+    default before 2026-12-07). The product is the same, but AdamW's updates are not
+    invariant to the split, so training differs: "reference" was ahead for one-shot and for
+    VCON on all three tasks of experiments/RESULTS.md (digits MLP, MiniLM, Lite0; 3-5 seeds
+    each). ``LowRank(..., grad="exact")`` is the setting that reproduces the reference
+    algorithm (its dense weight gets ``beta G``).
 
     Example usage::
 
         vk.LowRank(rank=16)
         vk.LowRank(rank_ratio=0.25)
-        vk.LowRank(rank=16, grad="exact", init="reference")   # the authors' reference algorithm
+        vk.LowRank(rank=16, grad="exact")                     # the authors' reference algorithm
+        vk.LowRank(rank=16, init="split")                     # sqrt(S) in each factor
     """
 
     rank: Optional[int] = None
     rank_ratio: Optional[float] = None
     grad: str = "ste"
-    init: str = "split"
+    init: str = "reference"
 
     def __post_init__(self):
         if (self.rank is None) == (self.rank_ratio is None):

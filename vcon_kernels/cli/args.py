@@ -153,9 +153,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--rank", type=int, default=None, help="low rank: rank of every layer (default 16)")
     g.add_argument("--rank-ratio", type=float, default=None, help="low rank: rank = ratio * min(N, K) instead")
     g.add_argument("--grad", default="ste", choices=("ste", "exact"), help="gradient mode (default ste)")
-    g.add_argument("--lowrank-init", default="split", choices=LOWRANK_INITS,
-                   help="low rank: factors from the SVD as U sqrt(S), sqrt(S) V^T (split, default) or U S, V^T "
-                   "(reference: the authors' code; with --grad exact it reproduces it)")
+    g.add_argument("--lowrank-init", default=None, choices=LOWRANK_INITS,
+                   help="low rank: factors from the SVD as U S, V^T (reference, default: the authors' code; with "
+                   "--grad exact it reproduces it) or U sqrt(S), sqrt(S) V^T (split)")
     g.add_argument("--shared-batchnorm", action="store_true",
                    help="one BatchNorm for the blend of a conv that feeds a BatchNorm (default: each path its "
                    "own BatchNorm, see the README's BatchNorm section)")
@@ -216,7 +216,7 @@ def check_args(parser: ArgumentParser, args) -> None:
         fail("give --rank or --rank-ratio, not both")
     if args.method != "lowrank" and (args.rank is not None or args.rank_ratio is not None):
         fail(f"--rank/--rank-ratio apply to --method lowrank, not {args.method}")
-    if args.method != "lowrank" and args.lowrank_init != "split":
+    if args.method != "lowrank" and args.lowrank_init is not None:
         fail(f"--lowrank-init applies to --method lowrank, not {args.method}")
     if args.start == "pretrained":
         if not TASKS[args.task].pretrained:
@@ -255,9 +255,10 @@ def config_from_args(args) -> vk.VCONConfig:
         quant = vk.Quantize(bits=args.bits, granularity=args.quant_granularity, group_size=group_size,
                             grad=args.grad)
     if args.method == "lowrank":
+        init = args.lowrank_init or vk.LowRank.init
         if args.rank_ratio is not None:
-            return vk.LowRank(rank_ratio=args.rank_ratio, grad=args.grad, init=args.lowrank_init)
-        return vk.LowRank(rank=args.rank if args.rank is not None else 16, grad=args.grad, init=args.lowrank_init)
+            return vk.LowRank(rank_ratio=args.rank_ratio, grad=args.grad, init=init)
+        return vk.LowRank(rank=args.rank if args.rank is not None else 16, grad=args.grad, init=init)
     if prune is not None and quant is not None:
         return vk.Compose(prune, quant)
     return prune if prune is not None else quant

@@ -298,7 +298,7 @@ class VCONLayerBase(nn.Module):
         rows, cols = w2d.shape
         rank = self.config.rank_for(rows, cols)
         u, s, vh = torch.linalg.svd(w2d.detach().to(torch.float64), full_matrices=False)
-        if getattr(self.config, "init", "split") == "reference":  # all of S in U, as the authors' code
+        if self.config.init == "reference":  # all of S in U, as the authors' code
             left, right = s[:rank], torch.ones_like(s[:rank])
         else:
             left = right = s[:rank].sqrt()
