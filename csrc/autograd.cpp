@@ -41,14 +41,12 @@ struct LinearNode : public torch::autograd::Function<LinearNode> {
     ctx->saved_data["needs"] = c10::IValue(std::vector<bool>{need_x, need_w, need_b, need_lr});
     const int64_t k = x.size(-1);
     const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, k});
-    // Low rank at beta = 0 trains the factors only: run the finalized V-then-U pair and keep its
-    // thin activation t = x V^T (M x r) for dU, as two nn.Linear would, instead of recomputing it.
-    at::Tensor t, y;
-    if (need_lr && lowrank_stopped(beta, spec)) {
-      y = lowrank_stopped_forward(x2, weight, opt(bias), u, v, t);
-    } else {
-      y = linear_forward(x2, weight, opt(bias), beta, threshold, scales, opt(mask), opt(u), opt(v), spec);
-    }
+    // Low rank with U training: keep t' = (1-beta) x V^T (M x r) for dU where the forward computes
+    // it (activation space, beta = 0: then as two nn.Linear would), instead of recomputing it.
+    at::Tensor t;
+    const KeepT keep = spec.lowrank && wants(u) ? KeepT::kIfComputed : KeepT::kNone;
+    const at::Tensor y =
+        linear_forward(x2, weight, opt(bias), beta, threshold, scales, opt(mask), opt(u), opt(v), spec, keep, t);
     // x only when a weight-side gradient needs it (a frozen layer keeps no activation alive).
     ctx->save_for_backward(
         {need_w || need_lr ? x : at::Tensor(), weight, bias, beta, threshold, scales, mask, u, v, t});
@@ -89,11 +87,9 @@ struct LinearNode : public torch::autograd::Function<LinearNode> {
                               ? x.reshape({-1, k})
                               : at::zeros({}, g2.options().dtype(ctx->saved_data["x_dtype"].toScalarType()))
                                     .expand({g2.size(0), k});
-    const at::Tensor& t = saved[9];
     const std::vector<bool> wanted{need_x, need_w, need_b, need_lr};
-    auto out = t.defined() ? lowrank_stopped_backward(g2, x2, t, weight, opt(bias), u, v, wanted)
-                           : linear_backward(g2, x2, weight, opt(bias), beta, threshold, scales, opt(mask), opt(u),
-                                             opt(v), spec, wanted);
+    auto out = linear_backward(g2, x2, weight, opt(bias), beta, threshold, scales, opt(mask), opt(u), opt(v), spec,
+                               wanted, opt(saved[9]));
     at::Tensor dx = out[0].defined() ? out[0].reshape(x_sizes) : at::Tensor();
     return {dx,          out[1],       need_b ? out[2] : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), need_lr ? out[3] : at::Tensor(), need_lr ? out[4] : at::Tensor(), at::Tensor()};

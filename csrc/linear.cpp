@@ -21,6 +21,11 @@
 // The weight-space form wins when M is larger than about N K / (N + K) (512 for a square
 // 1024 layer), i.e. for training batches; small M (inference, decoding) uses the other.
 // beta = 1 is exactly nn.Linear and beta = 0 exactly the finalized V-then-U pair.
+//
+// The forward can hand back t' = (1-b) x V^T (M x r, x's dtype), which the backward then takes
+// for dU = dY^T t' instead of recomputing the thin GEMM x V^T (activation space and beta = 0; the
+// weight-space backward gets dU from G). Every backend keeps the same t' (the plain-torch one
+// bit for bit), so a backward on another backend reads it correctly. KeepT says when to make it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
@@ -160,31 +165,55 @@ void check_factors(const OptTensor& u, const OptTensor& v, const at::Tensor& wei
               "vcon_kernels._C: low-rank factors must have the weight's dtype");
 }
 
+// t *= 1 - beta as the plain-torch backend scales it (t.mul_(1 - beta[0])): by an fp32 0-dim
+// tensor, so that both backends keep the same t' bit for bit. (An in-place mul_ by a C++ double
+// takes another kernel for bf16 t, whose results differ from it in the last bit.)
+at::Tensor& scale_t_(at::Tensor& t, const at::Tensor& beta) {
+  return t.mul_(at::rsub(beta.reshape({}), 1));
+}
+
+// t' = (1-b) x V^T as the backward recomputes it when the forward kept none.
+at::Tensor lowrank_t(const at::Tensor& x, const at::Tensor& v, const at::Tensor& beta, double omb) {
+  at::Tensor t = at::linear(x, v);
+  return omb == 1.0 ? t : scale_t_(t, beta);
+}
+
+// y, and t' into `t_out` as `keep` asks (see KeepT).
 at::Tensor lowrank_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                           const at::Tensor& beta, const at::Tensor& u, const at::Tensor& v) {
+                           const at::Tensor& beta, const at::Tensor& u, const at::Tensor& v, KeepT keep,
+                           at::Tensor& t_out) {
   const auto [b, omb] = lowrank_betas(beta, x.scalar_type());
+  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
   if (b == 1.0) {
+    if (keep == KeepT::kAlways) t_out = at::zeros({m, v.size(0)}, x.options());  // (1 - b) x V^T = 0
     return at::linear(x, weight, bias);
   }
   if (b == 0.0) {
-    return at::linear(at::linear(x, v), u, bias);
+    at::Tensor t = at::linear(x, v);  // = t' (1 - b = 1)
+    if (keep != KeepT::kNone) t_out = t;
+    return at::linear(t, u, bias);
   }
-  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
   if (n * k <= m * (n + k)) {  // weight space: N K r to build W_eff vs M r (N + K) for the thin products
     at::Tensor w_eff = workspace(weight, n, k);
     lowrank_weight(weight, u, v, b, omb, w_eff);
+    // No t here: only a caller that must return one pays its thin GEMM (the op path; the backward
+    // of this regime takes dU from G unless W is frozen).
+    if (keep == KeepT::kAlways) t_out = lowrank_t(x, v, beta, omb);
     return at::linear(x, w_eff, bias);
   }
   // Activation space: both products accumulate into y through addmm's alpha, no extra pass.
   at::Tensor y = bias.defined() ? at::addmm(bias, x, weight.t(), 1.0, b)
                                 : at::empty({m, n}, x.options()).addmm_(x, weight.t(), 0.0, b);
-  y.addmm_(at::linear(x, v), u.t(), 1.0, omb);
+  at::Tensor t = at::linear(x, v);
+  y.addmm_(t, u.t(), 1.0, omb);
+  if (keep != KeepT::kNone) t_out = scale_t_(t, beta);  // y is done with the unscaled t
   return y;
 }
 
 std::vector<at::Tensor> lowrank_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                          const at::Tensor& beta, const at::Tensor& u, const at::Tensor& v,
-                                         const Spec& spec, bool need_x, bool need_w, bool need_lr) {
+                                         const at::Tensor& t, const Spec& spec, bool need_x, bool need_w,
+                                         bool need_lr) {
   const auto [b, omb] = lowrank_betas(beta, x.scalar_type());
   at::Tensor dx, dw, du, dv;
   const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1), r = v.size(0);
@@ -203,12 +232,14 @@ std::vector<at::Tensor> lowrank_backward(const at::Tensor& dy, const at::Tensor&
     if (need_x) dx = gu.mm(v);
     if (need_w) dw = at::zeros_like(weight);  // the dense path is stopped: W no longer affects y
     if (need_lr) {
-      du = dy.t().mm(at::linear(x, v));
+      du = dy.t().mm(t.defined() ? t : lowrank_t(x, v, beta, omb));
       dv = gu.t().mm(x);
     }
     return {dx, dw, at::Tensor(), du, dv};
   }
-  // FLOPs beyond the shared dense GEMMs (dx = dY W_eff and G = dY^T X).
+  // FLOPs beyond the shared dense GEMMs (dx = dY W_eff and G = dY^T X). The rule ignores whether t'
+  // came from the forward, so a call that kept it and one that did not take the same path (same
+  // bits); whenever the forward ran in activation space, need_lr picks activation space here too.
   const int64_t weight_space = (need_x ? n * k * r : 0) + (need_lr ? 2 * n * k * r : 0) +
                                (need_lr && !need_w ? m * n * k : 0);
   const int64_t act_space = ((need_x || need_lr) ? m * n * r : 0) + (need_x ? m * r * k : 0) +
@@ -233,7 +264,7 @@ std::vector<at::Tensor> lowrank_backward(const at::Tensor& dy, const at::Tensor&
   }
   if (need_w) dw = scale_dw(dy.t().mm(x));
   if (need_lr) {
-    du = at::empty({n, r}, x.options()).addmm_(dy.t(), at::linear(x, v), 0.0, omb);
+    du = dy.t().mm(t.defined() ? t : lowrank_t(x, v, beta, omb));
     dv = at::empty({r, k}, x.options()).addmm_(gu.t(), x, 0.0, omb);
   }
   return {dx, dw, at::Tensor(), du, dv};
@@ -243,7 +274,8 @@ std::vector<at::Tensor> lowrank_backward(const at::Tensor& dy, const at::Tensor&
 
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                           const at::Tensor& beta, const at::Tensor& threshold, const at::Tensor& scales,
-                          const OptTensor& mask, const OptTensor& u, const OptTensor& v, const Spec& spec) {
+                          const OptTensor& mask, const OptTensor& u, const OptTensor& v, const Spec& spec,
+                          KeepT keep_t, at::Tensor& t_out) {
   // These are the kernels of an op: autograd is handled around them, never inside (and the
   // out= GEMMs below would refuse inputs that require grad while grad mode is on).
   c10::AutoGradMode no_grad(false);
@@ -252,7 +284,8 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const O
   if (spec.lowrank) {
     check_factors(u, v, weight);
     // Mixed precision: the (small) factors and the weight in the activation dtype, for this call only.
-    return lowrank_forward(x, in_dtype(weight, dt), in_dtype(opt(bias), dt), beta, in_dtype(*u, dt), in_dtype(*v, dt));
+    return lowrank_forward(x, in_dtype(weight, dt), in_dtype(opt(bias), dt), beta, in_dtype(*u, dt), in_dtype(*v, dt),
+                           keep_t, t_out);
   }
   const Prepared p = prepare(weight, beta, threshold, scales, mask, spec);
   return at::linear(x, effective_weight(p, x), in_dtype(opt(bias), dt));
@@ -261,7 +294,8 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const O
 std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                         const OptTensor& bias, const at::Tensor& beta, const at::Tensor& threshold,
                                         const at::Tensor& scales, const OptTensor& mask, const OptTensor& u,
-                                        const OptTensor& v, const Spec& spec, const std::vector<bool>& needs) {
+                                        const OptTensor& v, const Spec& spec, const std::vector<bool>& needs,
+                                        const OptTensor& t) {
   c10::AutoGradMode no_grad(false);
   check_linear(x, weight, "linear_backward");
   TORCH_CHECK(needs.size() == 4, "vcon_kernels._C.linear_backward: needs must be (x, weight, bias, lowrank)");
@@ -274,8 +308,13 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
   if (spec.lowrank) {
     check_factors(u, v, weight);
     const auto dt = x.scalar_type();
-    grads = lowrank_backward(grad_out, x, in_dtype(weight, dt), beta, in_dtype(*u, dt), in_dtype(*v, dt), spec, need_x,
-                             need_w, need_lr);
+    const at::Tensor t_kept = opt(t);
+    TORCH_CHECK(!t_kept.defined() || (t_kept.dim() == 2 && t_kept.size(0) == x.size(0) &&
+                                      t_kept.size(1) == u->size(1) && t_kept.scalar_type() == dt),
+                "vcon_kernels._C.linear_backward: t must be the forward's (M, r) activation in the input dtype, got ",
+                t_kept.sizes());
+    grads = lowrank_backward(grad_out, x, in_dtype(weight, dt), beta, in_dtype(*u, dt), in_dtype(*v, dt), t_kept,
+                             spec, need_x, need_w, need_lr);
     if (need_b) grads[2] = grad_out.sum(0);
     for (size_t i = 1; i < grads.size(); ++i) {  // parameter gradients in the parameters' dtype
       grads[i] = in_dtype(grads[i], pdt);
@@ -297,40 +336,6 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
     db = grad_out.sum(0).to(bias->scalar_type());
   }
   return {dx, dw, db, at::Tensor(), at::Tensor()};
-}
-
-bool lowrank_stopped(const at::Tensor& beta, const Spec& spec) {
-  return spec.lowrank && beta.device().is_cpu() && beta.scalar_type() == at::kFloat && beta.numel() == 1 &&
-         beta.contiguous().data_ptr<float>()[0] == 0.0f;
-}
-
-at::Tensor lowrank_stopped_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-                                   const at::Tensor& u, const at::Tensor& v, at::Tensor& t_out) {
-  c10::AutoGradMode no_grad(false);
-  check_linear(x, weight, "linear_forward");
-  check_factors(u, v, weight);
-  const auto dt = x.scalar_type();
-  t_out = at::linear(x, in_dtype(v, dt));
-  return at::linear(t_out, in_dtype(u, dt), in_dtype(opt(bias), dt));
-}
-
-std::vector<at::Tensor> lowrank_stopped_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t,
-                                                 const at::Tensor& weight, const OptTensor& bias, const at::Tensor& u,
-                                                 const at::Tensor& v, const std::vector<bool>& needs) {
-  c10::AutoGradMode no_grad(false);
-  check_factors(u, v, weight);
-  const bool need_x = needs[0], need_w = needs[1], need_b = needs[2], need_lr = needs[3];
-  const auto dt = grad_out.scalar_type(), pdt = weight.scalar_type();
-  at::Tensor dx, dw, db, du, dv;
-  const at::Tensor gu = (need_x || need_lr) ? grad_out.mm(in_dtype(u, dt)) : at::Tensor();
-  if (need_x) dx = gu.mm(in_dtype(v, dt));
-  if (need_w) dw = at::zeros_like(weight);  // the dense path is stopped: W no longer affects y
-  if (need_b && bias.has_value() && bias->defined()) db = in_dtype(grad_out.sum(0), bias->scalar_type());
-  if (need_lr) {
-    du = in_dtype(grad_out.t().mm(t), pdt);
-    dv = in_dtype(gu.t().mm(x), pdt);
-  }
-  return {dx, dw, db, du, dv};
 }
 
 }  // namespace vcon

@@ -12,7 +12,7 @@
 namespace {
 
 // Bumped whenever a binding changes: cpp_backend.py refuses (and falls back from) a stale build.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 vcon::Spec make_spec(int prune, double sparsity, bool per_row, int nm_n, int nm_m, int bits, int64_t group_size,
                      bool exact, bool lowrank) {
@@ -27,6 +27,18 @@ vcon::Spec make_spec(int prune, double sparsity, bool per_row, int nm_n, int nm_
   s.exact = exact;
   s.lowrank = lowrank;
   return s;
+}
+
+// (y, t' or None): linear_forward with its t' output as a second return value.
+std::tuple<at::Tensor, std::optional<at::Tensor>> linear_forward_py(
+    const at::Tensor& x, const at::Tensor& weight, const vcon::OptTensor& bias, const at::Tensor& beta,
+    const at::Tensor& threshold, const at::Tensor& scales, const vcon::OptTensor& mask, const vcon::OptTensor& u,
+    const vcon::OptTensor& v, const vcon::Spec& spec, int64_t keep_t) {
+  TORCH_CHECK(keep_t >= 0 && keep_t <= 2, "vcon_kernels._C.linear_forward: keep_t must be 0, 1 or 2");
+  at::Tensor t;
+  at::Tensor y = vcon::linear_forward(x, weight, bias, beta, threshold, scales, mask, u, v, spec,
+                                      static_cast<vcon::KeepT>(keep_t), t);
+  return {y, t.defined() ? std::optional<at::Tensor>(t) : std::nullopt};
 }
 
 }  // namespace
@@ -53,16 +65,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_grad", &vcon::weight_grad, release(), "dW from dL/dW_eff (grad itself for STE)", py::arg("grad"),
         py::arg("weight"), py::arg("beta"), py::arg("threshold"), py::arg("scales"), py::arg("mask"),
         py::arg("spec"));
-  m.def("linear_forward", &vcon::linear_forward, release(), "the blended linear layer", py::arg("x"),
+  m.def("linear_forward", &linear_forward_py, release(),
+        "(y, t') of the blended linear layer; t' = (1-beta) x V^T of a low-rank layer as keep_t asks "
+        "(0 none, 1 if computed anyway, 2 always), else None", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("beta"), py::arg("threshold"), py::arg("scales"),
-        py::arg("mask"), py::arg("u"), py::arg("v"), py::arg("spec"));
+        py::arg("mask"), py::arg("u"), py::arg("v"), py::arg("spec"), py::arg("keep_t") = 0);
   m.def("linear_autograd", &vcon::linear_autograd, release(),
         "the blended linear layer with its autograd node in C++ (eager fast path)", py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("beta"), py::arg("threshold"), py::arg("scales"), py::arg("mask"), py::arg("u"),
         py::arg("v"), py::arg("spec"));
   m.def("linear_backward", &vcon::linear_backward, release(), "(dx, dW, db, dU, dV), None where not needed",
         py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("beta"), py::arg("threshold"),
-        py::arg("scales"), py::arg("mask"), py::arg("u"), py::arg("v"), py::arg("spec"), py::arg("needs"));
+        py::arg("scales"), py::arg("mask"), py::arg("u"), py::arg("v"), py::arg("spec"), py::arg("needs"),
+        py::arg("t") = py::none());
 
   m.def("infer_linear", &vcon::infer_linear, release(), "y = x W^T of a finalized (compressed) weight",
         py::arg("x"), py::arg("fmt"), py::arg("a"), py::arg("b"), py::arg("crow"), py::arg("scales"),

@@ -60,26 +60,25 @@ at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& weight, const a
                        const at::Tensor& threshold, const at::Tensor& scales, const OptTensor& mask, const Spec& spec);
 
 // -- the blended linear layer (linear.cpp) --------------------------------------------------------
+// Which low-rank forwards hand back t' = (1-b) x V^T (M x r) for the backward's dU = dY^T t':
+// none; those that compute it anyway (activation space, beta = 0: the C++ autograd node, which
+// then skips that thin GEMM in backward); or every one (the op, whose outputs have fixed shapes:
+// zeros at beta = 1, an extra thin GEMM in the weight-space regime).
+enum class KeepT : int64_t { kNone = 0, kIfComputed = 1, kAlways = 2 };
+
+// y; t' into `t_out` for a low-rank layer as `keep_t` asks (else left undefined).
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                           const at::Tensor& beta, const at::Tensor& threshold, const at::Tensor& scales,
-                          const OptTensor& mask, const OptTensor& u, const OptTensor& v, const Spec& spec);
+                          const OptTensor& mask, const OptTensor& u, const OptTensor& v, const Spec& spec,
+                          KeepT keep_t, at::Tensor& t_out);
 
 // (dx, dW, db, dU, dV); undefined (None) where `needs` = (x, weight, bias, lowrank) says not needed.
+// `t`: the forward's t' (linear_forward's t_out) or none (recomputed where needed).
 std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                                         const OptTensor& bias, const at::Tensor& beta, const at::Tensor& threshold,
                                         const at::Tensor& scales, const OptTensor& mask, const OptTensor& u,
-                                        const OptTensor& v, const Spec& spec, const std::vector<bool>& needs);
-
-// Low rank with beta = 0 (the dense path stopped), for an autograd node that keeps t = x V^T:
-// whether beta (a CPU fp32 tensor) is 0, y = t U^T + bias with t returned through `t_out`, and the
-// backward reusing that t for dU (the finalized V-then-U pair's saved activation) instead of
-// recomputing it. Same values as linear_forward / linear_backward at beta = 0.
-bool lowrank_stopped(const at::Tensor& beta, const Spec& spec);
-at::Tensor lowrank_stopped_forward(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-                                   const at::Tensor& u, const at::Tensor& v, at::Tensor& t_out);
-std::vector<at::Tensor> lowrank_stopped_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t,
-                                                 const at::Tensor& weight, const OptTensor& bias, const at::Tensor& u,
-                                                 const at::Tensor& v, const std::vector<bool>& needs);
+                                        const OptTensor& v, const Spec& spec, const std::vector<bool>& needs,
+                                        const OptTensor& t);
 
 // The per-thread workspace that holds W_eff between its build and its GEMM.
 int64_t workspace_bytes();

@@ -186,13 +186,15 @@ def test_opcheck_mixed_precision(case):
     set_betas(layer, 0.4, 0.7)
     x = torch.randn(5, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
     args, spec = linear_args(layer, x, layer.weight.detach().requires_grad_(True))
-    torch.library.opcheck(torch.ops.vcon.linear.default, (*args, *spec.as_args()))
+    torch.library.opcheck(torch.ops.vcon.linear.default, (*args, *spec.as_args(), True))
     grad_out = torch.randn(5, layer.out_features, dtype=torch.bfloat16)
     detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    t = torch.ops.vcon.linear(*detached, *spec.as_args(), True)[1]
     torch.library.opcheck(torch.ops.vcon.linear_backward.default,
-                          (grad_out, *detached, *spec.as_args(), needs_for(spec)),
+                          (grad_out, *detached, *spec.as_args(), needs_for(spec), t if spec.lowrank else None),
                           test_utils=("test_schema", "test_faketensor"))
     with torch.autocast(**BF16):  # the autocast kernel casts only x
         xf = torch.randn(5, layer.in_features)
-        y = torch.ops.vcon.linear(xf, *args[1:], *spec.as_args())
+        y, t = torch.ops.vcon.linear(xf, *args[1:], *spec.as_args(), True)
     assert y.dtype == torch.bfloat16
+    assert t.dtype == torch.bfloat16 and t.shape == ((5, layer.lowrank_u.shape[1]) if spec.lowrank else (0,))

@@ -5,7 +5,8 @@ eager training W is detached for the call (``VCONLayerBase.call_weight``): its g
 None, so optimizers skip it, and it trains again once beta is raised. Where a gradient must exist
 (a distributed job: DDP waits for every parameter's; a compiled graph, which has no
 beta-dependent branch) it is zero. The C++ node keeps t = x V^T from the forward for dU instead
-of recomputing it; its gradients are bit-identical to the recomputing path.
+of recomputing it (as every path now does when U trains); its gradients are bit-identical to the
+op path's.
 """
 
 import pytest
@@ -100,13 +101,13 @@ def test_saved_activation_path_matches_the_recomputing_one(dtype):
 
 
 def _reference_grads(layer, x):
-    """beta = 0 through the op path (torch.ops.vcon.linear: generic C++ backward, t recomputed)."""
+    """beta = 0 through the op path (torch.ops.vcon.linear: the op's own saved t, C++ backward op)."""
     x = x.clone().requires_grad_(True)
     spec = layer.spec()
     threshold, scales = vk.functional.layer_state(layer.weight_2d(), layer.beta, spec, None)
     with vk.backends.use("cpp"):
         y = torch.ops.vcon.linear(x, layer.weight.detach(), layer.bias, layer.beta, threshold, scales, None,
-                                  layer.lowrank_u, layer.lowrank_v, *spec.as_args())
+                                  layer.lowrank_u, layer.lowrank_v, *spec.as_args(), True)[0]
     y.square().sum().backward()
     return x.grad, None, layer.bias.grad, layer.lowrank_u.grad, layer.lowrank_v.grad
 

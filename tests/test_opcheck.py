@@ -72,12 +72,16 @@ def test_linear_ops(case):
     for name, (x, weight) in layouts.items():
         x = x.requires_grad_(True)
         args, spec = linear_args(layer, x, weight)
-        torch.library.opcheck(torch.ops.vcon.linear.default, (*args, *spec.as_args()), test_utils=utils_for(name, case))
+        for keep_t in (False, True):  # keep_t: the low-rank activation t as a second output, for backward
+            torch.library.opcheck(torch.ops.vcon.linear.default, (*args, *spec.as_args(), keep_t),
+                                  test_utils=utils_for(name, case))
         grad_out = torch.randn(*x.shape[:-1], layer.out_features)
         detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(torch.ops.vcon.linear_backward.default,
-                              (grad_out, *detached, *spec.as_args(), needs_for(spec)),
-                              test_utils=utils_for(name, case, NO_AUTOGRAD))
+        t = torch.ops.vcon.linear(*detached, *spec.as_args(), True)[1]
+        for kept in (None, t) if spec.lowrank else (None,):
+            torch.library.opcheck(torch.ops.vcon.linear_backward.default,
+                                  (grad_out, *detached, *spec.as_args(), needs_for(spec), kept),
+                                  test_utils=utils_for(name, case, NO_AUTOGRAD))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "lowrank"])
@@ -117,11 +121,13 @@ def test_conv_ops(case):
         x = x.requires_grad_(True)
         weight = weight.requires_grad_(True)
         args, spec = linear_args(layer, x, weight)
-        torch.library.opcheck(torch.ops.vcon.conv2d.default, (*args, *conv, *spec.as_args()),
-                              test_utils=utils_for(name, case))
-        y = torch.ops.vcon.conv2d(*args, *conv, *spec.as_args())
-        grad_out = torch.randn(y.shape).to(memory_format=cl if name == "channels_last_x" else torch.contiguous_format)
+        for keep_t in (False, True):
+            torch.library.opcheck(torch.ops.vcon.conv2d.default, (*args, *conv, *spec.as_args(), keep_t),
+                                  test_utils=utils_for(name, case))
         detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(torch.ops.vcon.conv2d_backward.default,
-                              (grad_out, *detached, *conv, *spec.as_args(), needs_for(spec)),
-                              test_utils=utils_for(name, case, NO_AUTOGRAD))
+        y, t = torch.ops.vcon.conv2d(*detached, *conv, *spec.as_args(), True)
+        grad_out = torch.randn(y.shape).to(memory_format=cl if name == "channels_last_x" else torch.contiguous_format)
+        for kept in (None, t) if spec.lowrank else (None,):
+            torch.library.opcheck(torch.ops.vcon.conv2d_backward.default,
+                                  (grad_out, *detached, *conv, *spec.as_args(), needs_for(spec), kept),
+                                  test_utils=utils_for(name, case, NO_AUTOGRAD))

@@ -20,7 +20,8 @@ Example (what ``VCONLinear.forward`` does)::
     if eager.can_run(x, weight):
         y = eager.linear(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
     else:
-        y = torch.ops.vcon.linear(x, weight, bias, beta, threshold, scales, mask, u, v, *spec.as_args())
+        y = torch.ops.vcon.linear(x, weight, bias, beta, threshold, scales, mask, u, v, *spec.as_args(),
+                                  keep_t=keeps_t(spec, u))[0]
 """
 
 from __future__ import annotations
@@ -70,20 +71,25 @@ def _off_if_autocast():
     return autocast_off() if any_autocast_on() else contextlib.nullcontext()
 
 
+# The ops' ``keep_t``: the low-rank activation t is kept for dU exactly when U needs a gradient
+# (library._kept_t); here ctx.needs_input_grad says so before the forward runs.
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, beta, threshold, scales, mask, u, v, spec):
         ctx.spec = spec
         ctx.backend = backends.forced()
-        ctx.save_for_backward(_saved_input(ctx, x, 1, 7, 8), weight, bias, beta, threshold, scales, mask, u, v)
+        keep_t = spec.lowrank and ctx.needs_input_grad[7]
         with _off_if_autocast():
-            return linear_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
+            y, t = linear_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec, keep_t)
+        ctx.save_for_backward(_saved_input(ctx, x, 1, 7, 8), weight, bias, beta, threshold, scales, mask, u, v, t)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
         needs = _needs(ctx, 0, 1, 2, 7, 8)
+        *saved, t = ctx.saved_tensors
         with _backend_scope(ctx), _off_if_autocast():
-            grads = linear_backward_impl(grad_out, *ctx.saved_tensors, ctx.spec, needs)
+            grads = linear_backward_impl(grad_out, *saved, ctx.spec, needs, t)
         dx, dw, db, du, dv = _grads_tuple(grads, needs)
         return dx, dw, db, None, None, None, None, du, dv, None
 
@@ -93,15 +99,18 @@ class _Conv2d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args):
         ctx.spec, ctx.conv_args = spec, conv_args
         ctx.backend = backends.forced()
-        ctx.save_for_backward(_saved_input(ctx, x, 1, 7, 8), weight, bias, beta, threshold, scales, mask, u, v)
+        keep_t = spec.lowrank and ctx.needs_input_grad[7]
         with _off_if_autocast():
-            return conv2d_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args)
+            y, t = conv2d_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, keep_t)
+        ctx.save_for_backward(_saved_input(ctx, x, 1, 7, 8), weight, bias, beta, threshold, scales, mask, u, v, t)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
         needs = _needs(ctx, 0, 1, 2, 7, 8)
+        *saved, t = ctx.saved_tensors
         with _backend_scope(ctx), _off_if_autocast():
-            grads = conv2d_backward_impl(grad_out, *ctx.saved_tensors, ctx.spec, ctx.conv_args, needs)
+            grads = conv2d_backward_impl(grad_out, *saved, ctx.spec, ctx.conv_args, needs, t)
         dx, dw, db, du, dv = _grads_tuple(grads, needs)
         return dx, dw, db, None, None, None, None, du, dv, None, None
 
@@ -146,7 +155,7 @@ def linear(x, weight, bias, beta, threshold, scales, mask, u, v, spec) -> Tensor
     x = autocast_input(x)
     if not _needs_graph(x, weight, bias, u, v):  # inference, eval, frozen layers on frozen inputs
         with _off_if_autocast():
-            return linear_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
+            return linear_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec)[0]
     backend = backends.select(weight.device.type)
     native = getattr(backend, "linear_autograd", None)  # the C++ backend's node: no Python in backward
     if native is not None:  # switches autocast off itself, in forward and backward (csrc/autograd.cpp)
@@ -159,7 +168,7 @@ def conv2d(x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args
     x = autocast_input(x)
     if not _needs_graph(x, weight, bias, u, v):
         with _off_if_autocast():
-            return conv2d_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args)
+            return conv2d_impl(x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args)[0]
     return _Conv2d.apply(x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args)
 
 

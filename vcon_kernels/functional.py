@@ -5,7 +5,7 @@
     y = x (beta W + (1 - beta) C(W))^T + b          (pruning, quantization, both)
     y = beta x W^T + (1 - beta) (x V^T) U^T + b      (low rank)
 
-as one ``torch.ops.vcon.linear`` call (plus one ``vcon::compute_state`` call for the
+as one ``torch.ops.vcon.linear`` call (its first output) (plus one ``vcon::compute_state`` call for the
 reductions a threshold or quantization scales need), with autograd. See ``spec.py`` for
 the exact formulas and ``library.py`` for the ops. In eager mode on plain tensors the same
 implementation runs without the op dispatcher (``eager.py``); the layers also cache their
@@ -32,6 +32,7 @@ from . import library  # noqa: F401  (registers torch.ops.vcon)
 from .autocast import eligible
 from .autocast import is_autocast_on
 from .configs import VCONConfig
+from .library import keeps_t
 from .spec import PRUNE_THRESHOLD
 from .spec import TransformSpec
 
@@ -139,7 +140,8 @@ def linear_call(x, weight, bias, beta, threshold, scales, state: VCONState, spec
     mask, u, v = state
     if eager.can_run(x, weight, bias, beta, mask, u, v):
         return eager.linear(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
-    return torch.ops.vcon.linear(x, weight, bias, beta, threshold, scales, mask, u, v, *spec.as_args())
+    keep_t = keeps_t(spec, u)  # the op's second output: the low-rank activation, kept for dU when U trains
+    return torch.ops.vcon.linear(x, weight, bias, beta, threshold, scales, mask, u, v, *spec.as_args(), keep_t)[0]
 
 
 def conv2d_call(x, weight, bias, beta, threshold, scales, state: VCONState, spec: TransformSpec,
@@ -150,8 +152,9 @@ def conv2d_call(x, weight, bias, beta, threshold, scales, state: VCONState, spec
         return eager.conv2d(x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args)
     stride, padding, dilation, groups = conv_args
     return torch.ops.vcon.conv2d(
-        x, weight, bias, beta, threshold, scales, mask, u, v, stride, padding, dilation, groups, *spec.as_args()
-    )
+        x, weight, bias, beta, threshold, scales, mask, u, v, stride, padding, dilation, groups, *spec.as_args(),
+        keeps_t(spec, u),
+    )[0]
 
 
 def _prepare(weight2d_shape, weight, beta, config, state):

@@ -9,7 +9,8 @@ What it makes faster than :class:`TorchBackend` on CPU tensors:
 * ``linear_forward`` / ``linear_backward``: W_eff built into a reused per-thread
   workspace and consumed by one GEMM (the same ``addmm`` / ``mm`` calls as the plain-torch
   backend, so results are bit-identical where the transform is); low rank picks the
-  cheaper of a weight-space and an activation-space form by FLOP count.
+  cheaper of a weight-space and an activation-space form by FLOP count; its backward takes
+  the forward's t' = (1 - beta) x V^T for dU where the activation-space form needs it.
 
 Convolutions use the inherited plain-torch code around the C++ ``blend_weight`` and
 ``weight_grad``.
@@ -36,7 +37,7 @@ from ..torch_transforms import kept_count
 from .torch_backend import TorchBackend
 
 # The extension's binding version this module is written for (csrc/module.cpp kAbiVersion).
-ABI_VERSION = 3
+ABI_VERSION = 4
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
 
 try:
@@ -92,8 +93,12 @@ class CppBackend(TorchBackend):
         return _C.weight_grad(grad_w_eff, weight, beta, threshold, scales, mask, _cpp_spec(spec))
 
     # -- linear -----------------------------------------------------------------------------
-    def linear_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec):
-        return _C.linear_forward(x, weight, bias, beta, threshold, scales, mask, u, v, _cpp_spec(spec))
+    def linear_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec,
+                       keep_t: bool = False):
+        # keep_t: t' always (KeepT::kAlways): the op's outputs have fixed shapes (csrc/ops.h)
+        y, t = _C.linear_forward(x, weight, bias, beta, threshold, scales, mask, u, v, _cpp_spec(spec),
+                                 2 if keep_t else 0)
+        return (y, t) if keep_t else y
 
     @property
     def linear_node(self):
@@ -108,10 +113,10 @@ class CppBackend(TorchBackend):
         """The eager layer with its autograd node in C++ (csrc/autograd.cpp): no Python in backward."""
         return _C.linear_autograd(x, weight, bias, beta, threshold, scales, mask, u, v, _cpp_spec(spec))
 
-    def linear_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs):
+    def linear_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs, t=None):
         return tuple(
             _C.linear_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, _cpp_spec(spec),
-                               list(needs))
+                               list(needs), t)
         )
 
     # -- introspection -----------------------------------------------------------------------

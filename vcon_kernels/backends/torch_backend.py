@@ -15,7 +15,8 @@ are returned in the parameters' dtype, ``dx`` in the activation dtype.
 
 Memory: the forward builds the blended weight as one temporary, uses it for one GEMM and
 drops it; the backward rebuilds it. Nothing the size of a weight is kept between forward
-and backward besides the parameters themselves.
+and backward besides the parameters themselves. Low rank keeps its thin activation
+t' = (1 - beta) x V^T (M x r) when asked (``keep_t``), for dU without a second x V^T.
 """
 
 from __future__ import annotations
@@ -86,19 +87,32 @@ class TorchBackend:
         return (grad_w_eff.to(coef.dtype) * coef).to(grad_w_eff.dtype)
 
     # -- linear -----------------------------------------------------------------------------
-    def linear_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec) -> Tensor:
+    def linear_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec: TransformSpec,
+                       keep_t: bool = False):
+        """y (M, N); with ``keep_t`` on a low-rank layer, ``(y, t')`` with t' = (1 - beta) x V^T (M, r).
+
+        t' is what the backward takes for dU = dY^T t' (``linear_backward(..., t=t')``) instead of
+        recomputing the thin GEMM x V^T. Every backend returns the same quantity (scaled by 1 - beta,
+        in x's dtype), so a backward may run on another backend than its forward.
+        """
         dt = x.dtype
         if spec.lowrank:
-            return self._lowrank_forward(x, to_dtype(weight, dt), to_dtype(bias, dt), beta, to_dtype(u, dt),
-                                         to_dtype(v, dt))
+            y, t = self._lowrank_forward(x, to_dtype(weight, dt), to_dtype(bias, dt), beta, to_dtype(u, dt),
+                                         to_dtype(v, dt), keep_t)
+            return (y, t) if keep_t else y
         w_eff = self.blend_weight(weight, beta, threshold, scales, mask, spec)
-        return F.linear(x, to_dtype(w_eff, dt), to_dtype(bias, dt))
+        y = F.linear(x, to_dtype(w_eff, dt), to_dtype(bias, dt))
+        return (y, None) if keep_t else y
 
-    def linear_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs):
-        """(dx, dW, db, dU, dV), None where ``needs`` (x, weight, bias, lowrank) says not needed."""
+    def linear_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs, t=None):
+        """(dx, dW, db, dU, dV), None where ``needs`` (x, weight, bias, lowrank) says not needed.
+
+        ``t``: the forward's t' = (1 - beta) x V^T of a low-rank layer (``linear_forward(keep_t=True)``),
+        or None to recompute it.
+        """
         need_x, need_w, need_b, need_lr = needs
         if spec.lowrank:
-            return self._lowrank_backward(grad_out, x, weight, beta, u, v, spec, needs)
+            return self._lowrank_backward(grad_out, x, weight, beta, u, v, spec, needs, t)
         dx = dw = db = None
         if need_x:
             dx = grad_out @ to_dtype(self.blend_weight(weight, beta, threshold, scales, mask, spec), grad_out.dtype)
@@ -109,14 +123,22 @@ class TorchBackend:
             db = grad_out.sum(0).to(bias.dtype)
         return dx, dw, db, None, None
 
-    def _lowrank_forward(self, x, weight, bias, beta, u, v):
+    def _lowrank_forward(self, x, weight, bias, beta, u, v, keep_t=False):
+        """(y, t' or None): t' = (1 - beta) x V^T, scaled in place once y no longer needs x V^T."""
         # The bias rides on both paths (b = beta b + (1 - beta) b) so that beta = 1 is
         # nn.Linear and beta = 0 is the finalized V-then-U pair, bit for bit.
         b = beta[0]
-        low = F.linear(F.linear(x, v), u, bias).mul_(1 - b)
-        return F.linear(x, weight, bias).mul_(b).add_(low)
+        t = F.linear(x, v)
+        low = F.linear(t, u, bias).mul_(1 - b)
+        y = F.linear(x, weight, bias).mul_(b).add_(low)
+        return y, (t.mul_(1 - b) if keep_t else None)
 
-    def _lowrank_backward(self, grad_out, x, weight, beta, u, v, spec, needs):
+    @staticmethod
+    def lowrank_t(x, v, b):
+        """t' = (1 - b) x V^T as ``_lowrank_forward`` keeps it: the backward's recompute when none was kept."""
+        return F.linear(x, v).mul_(1 - b)
+
+    def _lowrank_backward(self, grad_out, x, weight, beta, u, v, spec, needs, t=None):
         need_x, need_w, need_b, need_lr = needs
         b = beta[0]
         dt, pdt = grad_out.dtype, weight.dtype
@@ -130,13 +152,15 @@ class TorchBackend:
         if need_b:
             db = to_dtype(grad_out.sum(0), pdt)
         if need_lr:
-            t = F.linear(x, v_c)
-            du = to_dtype(grad_out.t() @ t, u.dtype).mul_(1 - b)
+            t = self.lowrank_t(x, v_c, b) if t is None else t  # the forward's t' spares this thin GEMM
+            du = to_dtype(grad_out.t() @ t, u.dtype)
             dv = to_dtype(gu.t() @ x, v.dtype).mul_(1 - b)
         return dx, dw, db, du, dv
 
     # -- conv2d: the blended weight feeds the ordinary convolution ---------------------------
-    def conv2d_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args) -> Tensor:
+    def conv2d_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, keep_t=False):
+        """y; with ``keep_t`` on a low-rank layer, ``(y, t)`` with t = conv(x, V) (unscaled: the
+        convolutions have this one implementation, so no other backend needs to read it)."""
         stride, padding, dilation, groups = conv_args
         dt = x.dtype
         bias = to_dtype(bias, dt)
@@ -144,13 +168,16 @@ class TorchBackend:
             b = beta[0]
             t = F.conv2d(x, to_dtype(v, dt), None, stride, padding, dilation, groups)
             low = F.conv2d(t, to_dtype(u, dt), bias).mul_(1 - b)
-            return F.conv2d(x, to_dtype(weight, dt), bias, stride, padding, dilation, groups).mul_(b).add_(low)
+            y = F.conv2d(x, to_dtype(weight, dt), bias, stride, padding, dilation, groups).mul_(b).add_(low)
+            return (y, t) if keep_t else y
         w2d = weight.reshape(weight.shape[0], -1)
         w_eff = self.blend_weight(w2d, beta, threshold, scales, mask, spec).view_as(weight)
-        return F.conv2d(x, to_dtype(w_eff, dt), bias, stride, padding, dilation, groups)
+        y = F.conv2d(x, to_dtype(w_eff, dt), bias, stride, padding, dilation, groups)
+        return (y, None) if keep_t else y
 
-    def conv2d_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, needs):
-        """(dx, dW, db, dU, dV) of :meth:`conv2d_forward`, None where not needed."""
+    def conv2d_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, conv_args, needs,
+                        t=None):
+        """(dx, dW, db, dU, dV) of :meth:`conv2d_forward`, None where not needed; ``t``: its kept t or None."""
         stride, padding, dilation, groups = conv_args
         need_x, need_w, need_b, need_lr = needs
         conv_bwd = torch.ops.aten.convolution_backward
@@ -180,7 +207,8 @@ class TorchBackend:
             dw = lowrank_weight_grad(lambda: to_dtype(g, weight.dtype), weight, b, spec.exact)
         du = dv = None
         if need_x or need_lr:
-            t = F.conv2d(x, v_c, None, stride, padding, dilation, groups)
+            if t is None:  # the forward's t spares this convolution
+                t = F.conv2d(x, v_c, None, stride, padding, dilation, groups)
             d_t, du, _ = backward_of(grad_out, t, u_c, [True, need_lr, False], [1, 1], [0, 0], [1, 1], 1)
             d_t = d_t.mul_(1 - b)
             dx_lr, dv, _ = backward_of(d_t, x, v_c, [need_x, need_lr, False])

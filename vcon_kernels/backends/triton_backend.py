@@ -101,18 +101,20 @@ class TritonBackend(TorchBackend):
         return self._ops.weight_grad(grad_w_eff, self._state(weight.detach(), beta, threshold, scales, mask, spec))
 
     # -- linear -----------------------------------------------------------------------------------------
-    def linear_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec):
+    def linear_forward(self, x, weight, bias, beta, threshold, scales, mask, u, v, spec, keep_t=False):
         if not self._runs(weight) or x.shape[0] == 0:
-            return super().linear_forward(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
+            return super().linear_forward(x, weight, bias, beta, threshold, scales, mask, u, v, spec, keep_t)
         self._log("forward", x.shape[0], weight.shape, spec, x.dtype)
-        return self._ops.linear_forward.linear_forward(x, weight, bias, beta, threshold, scales, mask, u, v, spec)
+        return self._ops.linear_forward.linear_forward(x, weight, bias, beta, threshold, scales, mask, u, v, spec,
+                                                       keep_t)
 
-    def linear_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs):
+    def linear_backward(self, grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs, t=None):
         if not self._runs(weight) or x.shape[0] == 0:
-            return super().linear_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs)
+            return super().linear_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec,
+                                           needs, t)
         self._log("backward", x.shape[0], weight.shape, spec, x.dtype)
         grads = self._ops.linear_backward.linear_backward(
-            grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs
+            grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs, t
         )
         if spec.lowrank and not spec.exact and grads[1] is not None:
             grads[1].mul_(beta[0] != 0)  # STE's dW is 0 once beta = 0 (torch_backend.lowrank_weight_grad)

@@ -9,7 +9,8 @@ With ``G = dY^T X`` (computed once) and the same W_eff as the forward:
 * low rank, with ``g' = (1 - beta) dY U`` and ``t' = (1 - beta) x V^T`` (thin GEMMs):
   ``dX = [dY | g'] . [beta W ; V]`` (one GEMM over N + r), ``dW = G`` (STE) or
   ``beta G`` (exact), ``dU = dY^T t'``, ``dV = g'^T X`` (reductions over the tokens:
-  cuBLAS, which splits that long reduction across the GPU).
+  cuBLAS, which splits that long reduction across the GPU). t' is the forward's
+  (``linear_forward(keep_t=True)``), passed as ``t``; without it the thin GEMM runs again.
 
 Example usage::
 
@@ -71,8 +72,11 @@ def _weight_grad(grad_out, x, weight, bias, state, spec, strategy, want_db):
     return g, None
 
 
-def linear_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs):
-    """(dx, dW, db, dU, dV), None where ``needs`` (x, weight, bias, low-rank factors) says not needed."""
+def linear_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u, v, spec, needs, t=None):
+    """(dx, dW, db, dU, dV), None where ``needs`` (x, weight, bias, low-rank factors) says not needed.
+
+    ``t``: the forward's t' = (1 - beta) x V^T of a low-rank layer, or None to recompute it.
+    """
     need_x, need_w, need_b, need_lr = needs
     state = WeightState(weight, beta, threshold, scales, mask, spec)
     strategy = dispatch.choose(x.shape[0], spec, x.dtype)
@@ -89,6 +93,6 @@ def linear_backward(grad_out, x, weight, bias, beta, threshold, scales, mask, u,
     if want_db and db is None:
         db = grad_out.sum(0).to(bias.dtype)
     if spec.lowrank and need_lr:
-        du = torch.mm(grad_out.t(), lowrank_t(x, v, beta))
+        du = torch.mm(grad_out.t(), lowrank_t(x, v, beta) if t is None else t)
         dv = torch.mm(g_low.t(), x)
     return dx, dw, db, du, dv
