@@ -54,7 +54,7 @@ def test_rotation_covers_every_job_and_every_kernel():
         assert f"_vcon_matmul_kernel {dtype}" in text, dtype
     text = full_text
     for kernel in ("_vcon_matmul_kernel", "_blend_weight_kernel", "_weight_grad_kernel", "_quant_scales_kernel",
-                   "_radix_histogram_kernel", "_radix_select_kernel"):
+                   "_radix_layer_kernel", "_radix_rows_kernel"):
         assert f"sm_80 {kernel}" in text and f"sm_90 {kernel}" in text, kernel
     for flag in ("B_IS_W=0", "B_IS_W=1", "B_IS_W=2", "EXACT_COEF=True", "LOWRANK=True", "PRUNE=1,QUANT=0",
                  "PRUNE=2,QUANT=0", "PRUNE=0,QUANT=1", "PRUNE=1,QUANT=1", "PRUNE=2,QUANT=1", "SCALE_BY_BETA=True",
