@@ -127,8 +127,9 @@ def record_launches(dtypes=(torch.float32, torch.bfloat16, torch.float16), shape
 
 
 # Row lengths of the per-row threshold (ops/threshold.py): one program per row block (1024 .. 16384, the
-# row's next power of two) and the re-read-per-bit program of longer rows.
-THRESHOLD_ROW_LENGTHS = (1000, 2048, 4096, 8192, 16384, 16400)
+# row's next power of two) and the re-read-per-bit program of longer rows, each with a row length that
+# is a multiple of 16 and one that is not (the JIT specializes the length and the row stride by that).
+THRESHOLD_ROW_LENGTHS = (1000, 1024, 2040, 2048, 4000, 4096, 8000, 8192, 16000, 16384, 16401, 16416)
 
 
 def record_threshold_launches(dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> list:
