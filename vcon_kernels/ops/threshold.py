@@ -7,13 +7,14 @@ the |W| (``spec.py``: ``t`` equals the kept-count-th largest magnitude, ties at 
 The count ``k`` is known on the host (``kept_count`` of the shape), so nothing synchronizes.
 
 Per layer (one segment of up to 2**31 - 1 weights, many programs): a histogram of 16-bit digits
-in global memory, one ``atomic_add`` per weight (the compiled loop: ~7 SASS instructions per
-weight, against ~90 for ``tl.histogram`` of 8-bit digits, which Triton lowers to a ballot per digit
-bit and popcounts per owned bin, see ``bench/SM90.md``). bf16 / fp16 need one pass (their 15 bits
-are one digit), fp32 two (bits 30..16, then 15..0 of the weights whose high digit matched). The
-last program of a pass to finish (an acq_rel counter) walks the histogram from the top and picks
-the digit, so a pass is one launch: 2 launches per threshold for bf16 / fp16 (the zeroed scratch
-and the pass), 3 for fp32 (before: 2 per 8-bit digit plus 3 fills, 7 and 11). Digit 0 is never
+in global memory, one ``atomic_add`` per weight (the compiled loop: ~9 SASS instructions per
+weight and pass, against ~90 for ``tl.histogram`` of 8-bit digits, which Triton lowers to a ballot
+per digit bit and popcounts per owned bin; ``bench/SM90.md``, radix section). bf16 / fp16 need one
+pass (their 15 bits are one digit), fp32 two (bits 30..16, then 15..0 of the weights whose high
+digit matched). The last program of a pass to finish (an acq_rel counter) walks the histogram from
+the top and picks the digit, so a pass is one launch: 2 launches per threshold for bf16 / fp16 (the
+zeroed scratch and the pass), 3 for fp32 (before: 2 per 8-bit digit plus 3 fills: 7, 9 and 11).
+The cost moved to the L2's atomic throughput, which only a GPU measures. Digit 0 is never
 counted by atomics (zeros, the usual mass of a repeated value, would serialize on one address): its
 count is what the other bins leave of the segment. Non-counted weights of the first pass go to a
 spread of 1024 unused slots instead of a masked atomic (a masked one compiles to a branch per
