@@ -20,6 +20,8 @@ Run (one thread, TRITON_INTERPRET unset; about 10-60 s per compile)::
     PYTHONPATH=. python bench/sm90_report.py                 # the default selection
     PYTHONPATH=. python bench/sm90_report.py --all-configs   # every tile config of the selection
     PYTHONPATH=. python bench/sm90_report.py --from-csv --before bench/data/sm90_before.csv --before-label X
+
+The radix-select section comes from ``bench/sm90_radix.py``'s CSV next to the GEMM CSV (run that first).
 """
 
 from __future__ import annotations
@@ -67,8 +69,15 @@ NOTES = [
     "  (prune-like transform: 316 loop instructions with 4 STS, 293 and no STS with beta loaded as a vector).",
     "  So beta is loaded as a vector in the GEMM loops (`transform.load_beta`): prune (fwd and dX) and binary",
     "  now load the W tile straight into the register layout (prune fwd 128x128: 336 -> 321 instructions,",
-    "  binary 455 -> 417). int8 (scalar qmin / qmax and the quotient's per-row values) and N:M (reshape and",
-    "  group sums, not elementwise) keep the conversion.",
+    "  binary 455 -> 417). The int8 forward too since the clamp bounds are constexprs there (`QMIN` / `QMAX`:",
+    "  a splat of the runtime scalars `qmin` / `qmax` kept it out; its per-row reciprocals, computed before",
+    "  the loop, do not): 4 STS + 4 LDSM and 16 KB of shared memory per stage set fewer, 128x128 fwd 689 -> 653",
+    "  instructions (21.5 -> 20.4 per element), 256x128 23.0 -> 21.7; registers 148 -> 170 and 248 -> 250.",
+    "  The int8 dX keeps the runtime bounds and the conversion: with constexpr bounds Triton hoists there too,",
+    "  but its per-row values (scale, reciprocal, lift, beta: the W rows change every K step) then live in the",
+    "  dot-operand layout, where they are recomputed per element or read from shared memory per K step",
+    "  (measured: 24.3 -> 26.7 per element at 128x128; with lift and divisor precomputed and loaded, 26.0).",
+    "  N:M (reshape and group sums, not elementwise) keeps the conversion.",
     "* Instructions per element did not fall at equal tiles: at 128x128 swap-AB gives -0.2 to +0.8 per element",
     "  against the shared-operand kernel (the split dot, and the conversion where it stays). The old first",
     "  autotune row 128x256, swapped, puts 256 W rows on wgmma's M side: 255 registers, a 32-byte spill and 64",
@@ -80,9 +89,13 @@ NOTES = [
     "  96 FADD, 64 FMNMX = 14 arithmetic instructions per element: the lift and reciprocal products and four",
     "  FMA of the exact quotient (`transform.div_by_scale`, no `div_rn`), 2 for round-half-even, 2 for the",
     "  clamp, 4 for the blend `beta_q w1 + (1 - beta_q) (code s)`, which must round as the torch backend",
-    "  does (no FMA contraction). Loads, bf16 unpacking and packing and the layout conversion add ~7. Under 12",
-    "  would need giving up bit-identity with `spec.py`'s IEEE quotient: one reciprocal product alone is off",
-    "  by one code when `w / s` lies within an ulp or two of a half-integer.",
+    "  does (no FMA contraction). bf16 unpacking and packing (`SHF` / `PRMT` / `F2FP`, ~2) and loads,",
+    "  addresses and the MMA (~4.4) make the 20.4; the dX adds the layout conversion (24.3). So the target",
+    "  of 12 is not met (20.4-26.2): under 12 would need giving up bit-identity with `spec.py`'s IEEE",
+    "  quotient (one reciprocal product alone is off by one code when `w / s` lies within an ulp or two of a",
+    "  half-integer) or its unfused blend. Not tried: `FRND` (`cvt.rni`, libdevice `rint`, which the",
+    "  interpreter lacks) would round in 1 instruction instead of 2 `FADD`, but it is not an FP32-pipe",
+    "  instruction and its rate on sm_90 is not known here; a count, not a time, would improve.",
 ]
 
 
@@ -279,6 +292,11 @@ def write(rows, md_path, csv_path, triton_version, seconds, before=None):
                      f"{'yes' if in_flight else 'no'} | {lo}-{hi} | <= {target} | "
                      f"{'yes' if hi <= target else 'no'} | {amort} |")
     lines += NOTES
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    from sm90_radix import section  # the radix select's section, from its own CSV
+
+    lines += section(csv_path)
     if before is not None:
         lines += before_after(rows, *before)
     lines += ["", "Columns: `wgmma wait` = pendings of `warp_group_dot_wait` in the TTGIR main loop (1: one MMA",

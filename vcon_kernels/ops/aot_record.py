@@ -25,7 +25,8 @@ import torch
 
 # name -> (M, N, K for the modes that allow any K, K for N:M and groups, rank); quantization groups
 # are 128 wide (as real ones) or 4 ("odd": K = 52). K = 2048 because the launchers size some blocks
-# by the row length up to 2048 (per-row radix select, group reductions).
+# by the row length up to 2048 (group reductions; the per-row threshold's row lengths up to 16384 are
+# recorded separately, ``record_threshold_launches``).
 SHAPES = {
     "tokens": (32, 256, 2048, 2048, 16),
     "decode": (1, 256, 2048, 2048, 16),
@@ -120,8 +121,32 @@ def record_launches(dtypes=(torch.float32, torch.bfloat16, torch.float16), shape
                 for shape in shapes:
                     layer, m = _layer(name, factory, structured, shape, grad, dtype)
                     records += [(kern, kw, f"{name}/{grad}/{shape}") for kern, kw in record_layer(layer, m)]
+    records += record_threshold_launches(dtypes)
     # finalized layers' GEMM (dequant_matmul.py): its own shapes, one variant per storage format
     return records + record_dequant_launches(dtypes, tuple(s for s in shapes if s in DEQUANT_SHAPES))
+
+
+# Row lengths of the per-row threshold (ops/threshold.py): one program per row block (1024 .. 16384, the
+# row's next power of two) and the re-read-per-bit program of longer rows, each with a row length that
+# is a multiple of 16 and one that is not (the JIT specializes the length and the row stride by that).
+THRESHOLD_ROW_LENGTHS = (1000, 1024, 2040, 2048, 4000, 4096, 8000, 8192, 16000, 16384, 16401, 16416)
+
+
+def record_threshold_launches(dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> list:
+    """``(kernel, kwargs, origin)`` of the magnitude threshold at every row-length class, per layer and per row."""
+    from .threshold import prune_threshold
+    from .utils import capture_launches
+
+    records: list = []
+    for dtype in dtypes:
+        for cols in THRESHOLD_ROW_LENGTHS:
+            w = torch.zeros(16, cols, dtype=dtype)
+            for per_row in (False, True):
+                launches: list = []
+                with capture_launches(launches):
+                    prune_threshold(w, 0.5, per_row)
+                records += [(kern, kw, f"threshold_{'row' if per_row else 'layer'}/{cols}") for kern, kw in launches]
+    return records
 
 
 def dequant_storages(rows: int, cols: int, dtype) -> dict:

@@ -185,28 +185,29 @@ def keep_tile(a, t, wr, wc, valid, w_ptr, stride_wr, stride_wc, mask_ptr, mask_s
 @triton.jit
 def row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, rows, rows_ok, PRUNE, QUANT, rcp_ptr=None,
               LOAD_RCP: tl.constexpr = False):
-    """(threshold, scale, :func:`row_scale`'s (lift, reciprocal)) at W rows ``rows`` (broadcastable), for
-    every layout but per-group scales. ``LOAD_RCP``: the reciprocals are read from ``rcp_ptr`` (laid out
-    as the scales, from :func:`scale_reciprocals`) instead of computed here."""
+    """(threshold, scale, :func:`row_scale`'s (lift, reciprocal, divisor)) at W rows ``rows`` (broadcastable),
+    for every layout but per-group scales. ``LOAD_RCP``: the reciprocals are read from ``rcp_ptr`` (laid out
+    as the scales, from :func:`scale_reciprocals_kernel`) instead of computed here."""
     if PRUNE == 1:
         t = tl.load(thr_ptr + rows.to(tl.int64) * thr_stride, mask=rows_ok, other=0.0)
     else:
         t = tl.zeros(rows.shape, tl.float32)
     if QUANT != 0:
-        s, lift, r = row_scale(scale_ptr, scale_row_stride, rows, rows_ok, rcp_ptr, LOAD_RCP)
+        s, lift, r, b = row_scale(scale_ptr, scale_row_stride, rows, rows_ok, rcp_ptr, LOAD_RCP)
     else:
         s = tl.full(rows.shape, 1.0, tl.float32)
         lift = s
         r = s
-    return t, s, lift, r
+        b = s
+    return t, s, lift, r, b
 
 
 @triton.jit
 def row_scale(scale_ptr, scale_row_stride, rows, rows_ok, rcp_ptr=None, LOAD_RCP: tl.constexpr = False):
     """Per-tensor / per-channel scale ``s`` at W rows ``rows`` (broadcastable), with what
     :func:`div_by_scale` needs to divide by ``s'`` (s where s > 0, else 1) without a division per element:
-    ``lift`` (1, or 2^64 where s' < 2^-100) and ``r = RN(1 / (s' lift))``, one IEEE division per row
-    (or, ``LOAD_RCP``, a load from ``rcp_ptr``).
+    ``lift`` (1, or 2^64 where s' < 2^-100), the divisor ``b = s' lift`` and ``r = RN(1 / b)``, one IEEE
+    division per row (or, ``LOAD_RCP``, a load from ``rcp_ptr``).
 
     The lift keeps the quotient's residual out of the subnormal range for tiny scales (max |W1| of
     the row below ~1e-28): W1 and s' are both multiplied by it, exactly, so the quotient is unchanged.
@@ -215,22 +216,24 @@ def row_scale(scale_ptr, scale_row_stride, rows, rows_ok, rcp_ptr=None, LOAD_RCP
     s = tl.load(scale_ptr + offs, mask=rows_ok, other=1.0)
     s_safe = tl.where(s > 0, s, 1.0)
     lift = tl.where(s_safe < 7.888609052210118e-31, 1.8446744073709552e19, 1.0)  # 2^-100, 2^64
+    b = s_safe * lift
     if LOAD_RCP:
         r = tl.load(rcp_ptr + offs, mask=rows_ok, other=1.0)
     else:
-        r = tl.math.div_rn(1.0, s_safe * lift)
-    return s, lift, r
+        r = tl.math.div_rn(1.0, b)
+    return s, lift, r, b
 
 
 @triton.jit
 def group_recip(rcp_ptr, s, scale_row_stride, group_size, wr, wc, valid):
-    """:func:`row_scale`'s ``(lift, r)`` for per-group scales ``s`` (the full-tile gather of
+    """:func:`row_scale`'s ``(lift, r, b)`` for per-group scales ``s`` (the full-tile gather of
     :func:`load_row_state`): ``r`` is read from ``rcp_ptr`` (:func:`scale_reciprocals_kernel`, laid out
     as the scales) with the same gather, so the GEMM main loops take no division per element for
     per-group scales either."""
     r = tl.load(rcp_ptr + wr.to(tl.int64) * scale_row_stride + wc // group_size, mask=valid, other=1.0)
-    lift = tl.where(tl.where(s > 0, s, 1.0) < 7.888609052210118e-31, 1.8446744073709552e19, 1.0)
-    return lift, r
+    s_safe = tl.where(s > 0, s, 1.0)
+    lift = tl.where(s_safe < 7.888609052210118e-31, 1.8446744073709552e19, 1.0)
+    return lift, r, s_safe * lift
 
 
 @triton.jit
@@ -238,16 +241,16 @@ def scale_reciprocals_kernel(scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """``out[i] = RN(1 / (s'_i lift_i))`` (:func:`row_scale`) for a contiguous scale tensor."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    _, _, r = row_scale(scale_ptr, 1, offs, ok)
+    _, _, r, _ = row_scale(scale_ptr, 1, offs, ok)
     tl.store(out_ptr + offs, r, mask=ok)
 
 
 @triton.jit
-def div_by_scale(w1, s_safe, lift, r):
-    """``RN(w1 / s_safe)``, bit for bit as the IEEE division, from :func:`row_scale`'s ``lift`` and
-    ``r = RN(1 / (s_safe lift))``: 2 FMUL + 4 FMA per element, no division.
+def div_by_scale(w1, b, lift, r):
+    """``RN(w1 / s')``, bit for bit as the IEEE division, from :func:`row_scale`'s ``lift``, ``b = s' lift``
+    and ``r = RN(1 / b)``: 1 FMUL for the lift, 1 for the first quotient, 4 FMA per element, no division.
 
-    With a = w1 lift and b = s_safe lift (exact, same quotient): q0 = RN(a r) is within 1.5 ulp of
+    With a = w1 lift and b (exact, same quotient): q0 = RN(a r) is within 1.5 ulp of
     a / b; one correction ``q + RN(a - b q) r`` makes it faithful (the residual's rounding and r's
     error add ~2^-24 ulp); with a faithful q the residual ``a - b q`` is exact in one FMA (b >= 2^-100:
     no underflow), and a second correction gives the correctly rounded quotient (Markstein's
@@ -256,26 +259,23 @@ def div_by_scale(w1, s_safe, lift, r):
     The interpreter's fma rounds twice; ``utils.exact_interpreter_fma`` makes it a true FMA, as the GPU's.
     """
     a = w1 * lift
-    b = s_safe * lift
     q = a * r
     q = tl.math.fma(tl.math.fma(-b, q, a), r, q)
     return tl.math.fma(tl.math.fma(-b, q, a), r, q)
 
 
 @triton.jit
-def quant_codes(w1, s, binary, lift=1.0, r=1.0, RECIP: tl.constexpr = False):
+def quant_codes(w1, s, binary, lift=1.0, r=1.0, b=1.0, RECIP: tl.constexpr = False):
     """Unclamped integer codes ``rne(W1 / s')`` (s' = s where s > 0, else 1), or sign(W1) for binary.
 
-    ``RECIP``: ``lift`` / ``r`` come from :func:`row_scale` and the quotient takes no division.
+    ``RECIP``: ``lift`` / ``r`` / ``b`` come from :func:`row_scale` and the quotient takes no division.
     """
     if binary != 0:
         codes = tl.where(w1 > 0, 1.0, tl.where(w1 < 0, -1.0, 0.0))
+    elif RECIP:
+        codes = round_half_even(div_by_scale(w1, b, lift, r))
     else:
-        s_safe = tl.where(s > 0, s, 1.0)
-        if RECIP:
-            codes = round_half_even(div_by_scale(w1, s_safe, lift, r))
-        else:
-            codes = round_half_even(tl.math.div_rn(w1, s_safe))
+        codes = round_half_even(tl.math.div_rn(w1, tl.where(s > 0, s, 1.0)))
     return codes
 
 
@@ -299,10 +299,10 @@ def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr
                    stored_mask, nm_n, nm_m, nm_in_tile, binary, qmin, qmax,
                    PRUNE, QUANT, COEF: tl.constexpr, NM_AXIS: tl.constexpr, NM_GROUP: tl.constexpr = 0,
                    NM_KEEP: tl.constexpr = 0, lift=1.0, r=1.0, RECIP: tl.constexpr = False,
-                   BETA_AXIS: tl.constexpr = -1):
+                   BETA_AXIS: tl.constexpr = -1, b=1.0):
     """W_eff of the tile (``COEF=False``) or the exact-gradient coefficient dW_eff/dW (``COEF=True``), fp32.
 
-    ``t`` / ``s``: threshold and scale from :func:`load_row_state`; ``RECIP``: ``lift`` / ``r`` from
+    ``t`` / ``s``: threshold and scale from :func:`load_row_state`; ``RECIP``: ``lift`` / ``r`` / ``b`` from
     :func:`row_scale` (no division per element); ``BETA_AXIS``: see :func:`load_beta`. ``PRUNE`` / ``QUANT`` are
     constexprs in the GEMM main loops (one lean variant per mode) and runtime values in the
     elementwise kernels and the dW epilogue (one variant for all modes; the branches are uniform).
@@ -321,7 +321,7 @@ def transform_tile(w, t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr
             bq = load_beta(beta_ptr, 1, w, BETA_AXIS)
         else:
             bq = load_beta(beta_ptr, 0, w, BETA_AXIS)
-        codes = quant_codes(w1, s, binary, lift, r, RECIP)
+        codes = quant_codes(w1, s, binary, lift, r, b, RECIP)
         if COEF:
             if binary == 0:  # binary passes the gradient straight through: no factor at all
                 in_range = ((codes >= qmin) & (codes <= qmax)).to(tl.float32)

@@ -130,7 +130,7 @@ def _vcon_matmul_kernel(
     stored_mask: tl.constexpr,
     nm_n, nm_m, NM_GROUP: tl.constexpr, NM_KEEP: tl.constexpr, scale_ptr, scale_row_stride, group_size,
     scale_grouped: tl.constexpr,
-    binary: tl.constexpr, qmin, qmax,
+    binary: tl.constexpr, qmin, qmax, QMIN: tl.constexpr, QMAX: tl.constexpr,
     prune_kind, quant_on, has_bias, do_rowsum: tl.constexpr, scale_mode, M_KEY, N_KEY, K_KEY,
     PRUNE: tl.constexpr, QUANT: tl.constexpr, B_IS_W: tl.constexpr, EXACT_COEF: tl.constexpr,
     LOWRANK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -151,8 +151,9 @@ def _vcon_matmul_kernel(
         # Swap-AB: the output tile is computed transposed, out^T = W_eff-tile . x^T, so that the
         # transformed W tile is the LEFT operand of tl.dot. On sm_90 wgmma reads its left operand
         # from registers (the right one only from shared memory), and one MMA stays in flight while
-        # the next tile is transformed. Prune and binary load the tile straight into wgmma's register
-        # layout; int8 and N:M still convert it through shared memory once (bench/SM90.md says why).
+        # the next tile is transformed. Prune, binary and the int8 forward load the tile straight into
+        # wgmma's register layout; the int8 dX and N:M still convert it through shared memory once
+        # (bench/SM90.md says why).
         # bt[n, k] = b[k, n].
         bt_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :] * stride_bk
         # The tile axis that runs along W's columns (N:M group mates from registers): k in the
@@ -165,8 +166,15 @@ def _vcon_matmul_kernel(
         if RECIP and B_IS_W == 1:
             # forward: the W rows are this program's offs_n at every K step; their threshold, scale
             # and reciprocal are loaded and computed once, before the loop
-            t_n, s_n, lift_n, r_n = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, offs_n[:, None],
-                                              n_ok[:, None], PRUNE, QUANT)
+            t_n, s_n, lift_n, r_n, b_n = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride,
+                                                   offs_n[:, None], n_ok[:, None], PRUNE, QUANT)
+        if B_IS_W == 1:
+            # forward: the clamp bounds as constants (QMIN / QMAX) let Triton load the W tile straight into
+            # wgmma's register layout (a runtime scalar splat in the transform keeps it in shared memory);
+            # dX keeps the runtime bounds: hoisted, its per-step row vectors cost more than the conversion
+            q_lo, q_hi = QMIN, QMAX
+        else:
+            q_lo, q_hi = qmin, qmax
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
@@ -180,35 +188,37 @@ def _vcon_matmul_kernel(
                 wr = tl.broadcast_to(offs_n[:, None], (BLOCK_N, BLOCK_K))
                 wc = tl.broadcast_to(kk[None, :], (BLOCK_N, BLOCK_K))
                 if RECIP:
-                    t, s, lift, r = t_n, s_n, lift_n, r_n
+                    t, s, lift, r, b = t_n, s_n, lift_n, r_n, b_n
                 else:
                     t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
                                           scale_grouped, offs_n[:, None], n_ok[:, None], wr, wc, valid, PRUNE, QUANT)
                     if GROUP_RECIP:
-                        lift, r = group_recip(rcp_ptr, s, scale_row_stride, group_size, wr, wc, valid)
+                        lift, r, b = group_recip(rcp_ptr, s, scale_row_stride, group_size, wr, wc, valid)
                     else:
                         lift = s
                         r = s
+                        b = s
             else:  # bt[n, k] = W[k, n]: W rows run along axis 1
                 wr = tl.broadcast_to(kk[None, :], (BLOCK_N, BLOCK_K))
                 wc = tl.broadcast_to(offs_n[:, None], (BLOCK_N, BLOCK_K))
                 if RECIP:
                     # the W rows change every K step: their scales' reciprocals are read, precomputed
                     # once per call by the launcher (a division per row and step spilled at 128x256)
-                    t, s, lift, r = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, kk[None, :],
-                                              k_ok[None, :], PRUNE, QUANT, rcp_ptr, QUANT != 0 and binary == 0)
+                    t, s, lift, r, b = row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, kk[None, :],
+                                                 k_ok[None, :], PRUNE, QUANT, rcp_ptr, QUANT != 0 and binary == 0)
                 else:
                     t, s = load_row_state(thr_ptr, thr_stride, scale_ptr, scale_row_stride, group_size,
                                           scale_grouped, kk[None, :], k_ok[None, :], wr, wc, valid, PRUNE, QUANT)
                     if GROUP_RECIP:
-                        lift, r = group_recip(rcp_ptr, s, scale_row_stride, group_size, wr, wc, valid)
+                        lift, r, b = group_recip(rcp_ptr, s, scale_row_stride, group_size, wr, wc, valid)
                     else:
                         lift = s
                         r = s
+                        b = s
             w_eff = transform_tile(bt.to(tl.float32), t, s, wr, wc, valid, w_ptr, stride_wr, stride_wc, beta_ptr,
-                                   mask_ptr, mask_stride, stored_mask, nm_n, nm_m, 0, binary, qmin, qmax,
+                                   mask_ptr, mask_stride, stored_mask, nm_n, nm_m, 0, binary, q_lo, q_hi,
                                    PRUNE, QUANT, False, NM_AXIS_B, NM_GROUP, NM_KEEP, lift, r, RECIP or GROUP_RECIP,
-                                   0)  # beta as a vector: a scalar broadcast keeps the tile out of wgmma's layout
+                                   0, b)  # beta as a vector: a scalar broadcast keeps the tile out of wgmma's layout
             acc_t = tl.dot(as_operand(w_eff, b_ptr.dtype.element_ty, UPCAST), tl.trans(a), acc_t,
                            input_precision=INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
@@ -401,6 +411,9 @@ def vcon_matmul(
     # An integer-quantized transform GEMM reads the reciprocals of its scales (transform.row_scale):
     # dX (its W rows change every K step) and per-group scales in both orientations; the forward
     # with per-tensor / per-channel scales computes them itself, once per program.
+    # The forward's clamp bounds as constexprs (see the kernel); 0 elsewhere (no extra programs).
+    fwd_quant = b_is_w == B_IS_WT and args["QUANT"] and not args["binary"]
+    args.update(QMIN=args["qmin"] if fwd_quant else 0.0, QMAX=args["qmax"] if fwd_quant else 0.0)
     args["rcp_ptr"] = d
     if b_is_w != B_PLAIN and args["QUANT"] and not args["binary"] and (b_is_w == B_IS_W or args["scale_grouped"]):
         args["rcp_ptr"] = scale_reciprocals(args["scale_ptr"])
