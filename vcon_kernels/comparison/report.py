@@ -191,7 +191,7 @@ def plot_curves(results: list, path: str, dense_acc=None, title: str = "") -> st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"oneshot": "tab:red", "gradual": "tab:orange", "vcon": "tab:blue"}
+    colors = {"dense": "black", "oneshot": "tab:red", "gradual": "tab:orange", "vcon": "tab:blue"}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     for method, pts in mean_curves(results).items():
         steps = [p[0] for p in pts if p[1] is not None]
