@@ -72,11 +72,12 @@ define DEMO_WHY
 demo setting: binary weights (one scale per layer), the paper's protocol (--from pretrained), 100 steps per run,
   one-shot and VCON against the dense model fine-tuned at the same budget, seed 0.
   Why this one: it is where the validation study found VCON's effect clearest at a budget this machine allows.
-  This exact setting (the demo's subsets, 3 seeds, 2026-12-07): VCON - one-shot test +0.63 +- 0.58 points,
-  validation +1.20 +- 0.69, ahead in 3/3 seeds on both (dense 76.3, one-shot 69.5, VCON 70.1 test). On the full
-  splits binary leads by +0.53 (100 steps) and +0.98 (250 steps) test points, 3/3 seeds each. Where VCON does
-  NOT help here: prune 90% and int4 tie one-shot, and on the BatchNorm CNN (Lite0) low rank stays below it.
-  One seed of 100 steps is within the seed spread: the 3-seed tables are in experiments/RESULTS.md.
+  This exact setting (the demo's subsets, two threads as here, 3 seeds, 2026-12-07): VCON - one-shot validation
+  +1.13 +- 0.64 points (ahead in 3/3 seeds), test +0.37 +- 0.70 (2/3); seed 0, this run, is the seed where VCON
+  is 1.4 validation points ahead and 0.3 test points behind. On the full splits binary leads by +0.53 / +0.98 /
+  +1.19 test points at 100 / 250 / 500 steps, 3/3 seeds each: about one point, not the paper's 3-5.
+  Where VCON does NOT help here: prune 90% and int4 tie one-shot, and on the BatchNorm CNN (Lite0) low rank
+  from a fine-tuned model stays below it. Tables: experiments/RESULTS.md.
 endef
 export DEMO_WHY
 demo: $(STAMP)
