@@ -110,7 +110,7 @@ def main():
                        args.lr_schedule, str(mask_update), args.grad, splits, settings.clip]
                 key += [args.start] if pretrained else []  # finetuned keys stay those of the earlier logs
                 key += ["shared-bn"] if args.shared_batchnorm and method == "vcon" else []
-                key += ["init=reference"] if args.lowrank_init == "reference" and name == "lowrank" else []
+                key += ["init=reference"] if args.lowrank_init == "reference" and name.startswith("lowrank") else []
                 if method == "dense":  # the paper protocol's dense reference: the same for every compression
                     if not pretrained:
                         raise SystemExit("method 'dense' is the reference of --from pretrained only")
