@@ -24,6 +24,7 @@ from presets import COMPRESSIONS  # noqa: E402
 from presets import TASKS  # noqa: E402
 from presets import compression  # noqa: E402
 
+from vcon_kernels import LowRank  # noqa: E402
 from vcon_kernels.comparison.runner import TrainSettings  # noqa: E402
 from vcon_kernels.comparison.runner import compress_run  # noqa: E402
 from vcon_kernels.comparison.runner import dense_model  # noqa: E402
@@ -110,7 +111,7 @@ def main():
                        args.lr_schedule, str(mask_update), args.grad, splits, settings.clip]
                 key += [args.start] if pretrained else []  # finetuned keys stay those of the earlier logs
                 key += ["shared-bn"] if args.shared_batchnorm and method == "vcon" else []
-                key += ["init=reference"] if args.lowrank_init == "reference" and name.startswith("lowrank") else []
+                key += ["init=reference"] if args.lowrank_init == "reference" and isinstance(config, LowRank) else []
                 if method == "dense":  # the paper protocol's dense reference: the same for every compression
                     if not pretrained:
                         raise SystemExit("method 'dense' is the reference of --from pretrained only")
